@@ -1,0 +1,1 @@
+//! The VM configuration: Firecracker's JSON schema.

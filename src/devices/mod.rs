@@ -1,0 +1,4 @@
+//! Emulated devices. Each is reached by the guest through [`bus::BusDevice`].
+
+pub mod bus;
+pub mod virtio;

@@ -1,0 +1,8 @@
+//! kiln: a KVM-based microVM monitor.
+//!
+//! One `kiln` process runs one microVM: [`vmm::Vmm`] builds it from a
+//! [`config::VmConfig`] (Firecracker's JSON schema), runs one thread per vCPU
+//! and one event loop for device I/O, and reports how the guest ended.
+
+pub mod config;
+pub mod devices;
