@@ -4,5 +4,6 @@
 //! [`config::VmConfig`] (Firecracker's JSON schema), runs one thread per vCPU
 //! and one event loop for device I/O, and reports how the guest ended.
 
+pub mod arch;
 pub mod config;
 pub mod devices;

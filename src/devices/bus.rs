@@ -144,10 +144,22 @@ mod tests {
         let mut bus = Bus::new();
         let d = || Arc::new(Mutex::new(Recorder::default())) as SharedDevice;
         bus.insert(d(), 0x100, 0x10).unwrap();
-        assert!(matches!(bus.insert(d(), 0x10f, 1), Err(Error::Overlap { other: 0x100, .. })));
-        assert!(matches!(bus.insert(d(), 0xf0, 0x11), Err(Error::Overlap { .. })));
-        assert!(matches!(bus.insert(d(), 0x0, 0), Err(Error::InvalidRange { .. })));
-        assert!(matches!(bus.insert(d(), u64::MAX, 2), Err(Error::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(d(), 0x10f, 1),
+            Err(Error::Overlap { other: 0x100, .. })
+        ));
+        assert!(matches!(
+            bus.insert(d(), 0xf0, 0x11),
+            Err(Error::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(d(), 0x0, 0),
+            Err(Error::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(d(), u64::MAX, 2),
+            Err(Error::InvalidRange { .. })
+        ));
         bus.insert(d(), 0x110, 0x10).unwrap();
         bus.insert(d(), 0xf0, 0x10).unwrap();
     }

@@ -1,0 +1,8 @@
+//! x86_64 guest setup: memory layout, boot parameters, CPU state.
+
+pub mod boot;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod regs;
