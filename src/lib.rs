@@ -7,3 +7,6 @@
 pub mod arch;
 pub mod config;
 pub mod devices;
+pub mod loader;
+pub mod memory;
+pub mod vm;
