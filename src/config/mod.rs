@@ -65,7 +65,9 @@ pub enum Error {
     #[error("machine-config.vcpu_count must be between 1 and {MAX_VCPUS}, got {0}")]
     VcpuCount(u8),
     /// Odd vCPU count with SMT.
-    #[error("machine-config.vcpu_count must be 1 or even when machine-config.smt is true, got {0}")]
+    #[error(
+        "machine-config.vcpu_count must be 1 or even when machine-config.smt is true, got {0}"
+    )]
     VcpuCountSmt(u8),
     /// `machine-config.mem_size_mib` too small.
     #[error("machine-config.mem_size_mib must be at least {MIN_MEM_SIZE_MIB} MiB, got {0}")]
@@ -148,7 +150,11 @@ pub struct VmConfig {
     #[serde(rename = "boot-source")]
     pub boot_source: BootSource,
     /// `machine-config`; Firecracker's defaults (1 vCPU, 128 MiB) when absent.
-    #[serde(rename = "machine-config", default, deserialize_with = "null_as_default")]
+    #[serde(
+        rename = "machine-config",
+        default,
+        deserialize_with = "null_as_default"
+    )]
     pub machine_config: MachineConfig,
     /// `drives`.
     #[serde(default, deserialize_with = "null_as_default")]
@@ -208,11 +214,10 @@ impl VmConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: VmConfig =
-            serde_json::from_str(&text).map_err(|source| Error::ParseFile {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let config: VmConfig = serde_json::from_str(&text).map_err(|source| Error::ParseFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -290,7 +295,7 @@ impl MachineConfig {
         if count == 0 || count > MAX_VCPUS {
             return Err(Error::VcpuCount(count));
         }
-        if self.smt && count > 1 && count % 2 != 0 {
+        if self.smt && count > 1 && !count.is_multiple_of(2) {
             return Err(Error::VcpuCountSmt(count));
         }
         Ok(())
@@ -422,7 +427,9 @@ pub fn check_mem_size(mem_size_mib: usize, host_limit_bytes: u64) -> Result<(), 
 /// cannot be read, only the address-space limit is enforced.
 pub fn check_mem_size_on_host(mem_size_mib: usize) -> Result<(), Error> {
     let host_limit = host_memory_bytes().unwrap_or_else(|err| {
-        log::warn!("cannot read host memory size (sysinfo: {err}); not checking mem_size_mib against it");
+        log::warn!(
+            "cannot read host memory size (sysinfo: {err}); not checking mem_size_mib against it"
+        );
         u64::MAX
     });
     check_mem_size(mem_size_mib, host_limit)

@@ -101,19 +101,19 @@ impl Default for MachineConfig {
     }
 }
 
-/// Reads a JSON number for `field` and converts it to `T`, so that an out of
-/// range value (negative, fractional, too big) yields a message that names
-/// the field and the value, rather than serde's bare "expected u8".
+/// Reads a JSON value for `field` and converts it to `T`, so that an out of
+/// range or mistyped value (negative, fractional, too big, a string) yields a
+/// message naming the field and the value, not serde's bare "expected u8".
 fn de_number<'de, D, T>(deserializer: D, field: &str, expected: &str) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: TryFrom<u64>,
 {
-    let number = serde_json::Number::deserialize(deserializer)?;
-    number
+    let value = serde_json::Value::deserialize(deserializer)?;
+    value
         .as_u64()
         .and_then(|v| T::try_from(v).ok())
-        .ok_or_else(|| de::Error::custom(format!("{field} must be {expected}, got {number}")))
+        .ok_or_else(|| de::Error::custom(format!("{field} must be {expected}, got {value}")))
 }
 
 fn de_vcpu_count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
