@@ -404,6 +404,11 @@ fn mem_size_too_small() {
 #[test]
 fn mem_size_against_host_limit() {
     let gib = 1u64 << 30;
+    check_mem_size(MIN_MEM_SIZE_MIB, gib).unwrap();
+    assert!(matches!(
+        check_mem_size(MIN_MEM_SIZE_MIB - 1, gib),
+        Err(Error::MemTooSmall(15))
+    ));
     check_mem_size(1024, gib).unwrap();
     let msg = check_mem_size(1025, gib).unwrap_err().to_string();
     assert!(
