@@ -1,1 +1,0 @@
-//! The VM configuration: Firecracker's JSON schema.

@@ -1,0 +1,359 @@
+//! The sections of a Firecracker-style config file, one struct per section.
+//!
+//! Field names, types and defaults follow Firecracker's `FullVmConfiguration`
+//! schema so that existing `--config-file` JSON deserializes unchanged. Every
+//! struct denies unknown fields: a typo must be an error, not silently
+//! ignored. Semantic checks live in [`super::VmConfig::validate`].
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+
+/// Highest vCPU count a microVM may have (same limit as Firecracker).
+pub const MAX_VCPUS: u8 = 32;
+
+/// Default number of vCPUs when `machine-config` is absent (Firecracker's).
+pub const DEFAULT_VCPU_COUNT: u8 = 1;
+
+/// Default memory size when `machine-config` is absent (Firecracker's).
+pub const DEFAULT_MEM_SIZE_MIB: usize = 128;
+
+/// A rate limiter as Firecracker describes it (`bandwidth` / `ops` token
+/// buckets). kiln accepts any JSON object here and leaves its interpretation
+/// to the device that implements rate limiting.
+pub type RateLimiterConfig = serde_json::Map<String, serde_json::Value>;
+
+/// `boot-source`: what to boot.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Host path of the guest kernel (ELF vmlinux or bzImage).
+    pub kernel_image_path: PathBuf,
+    /// Host path of an initrd, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// `machine-config.huge_pages`: how guest memory is backed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum HugePages {
+    /// Regular 4 KiB pages.
+    #[default]
+    None,
+    /// Transparent huge pages via `madvise(MADV_HUGEPAGE)` (newer Firecracker).
+    Transparent,
+    /// Explicit 2 MiB hugetlbfs pages.
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+}
+
+impl HugePages {
+    /// The value as written in the config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HugePages::None => "None",
+            HugePages::Transparent => "Transparent",
+            HugePages::Hugetlbfs2M => "2M",
+        }
+    }
+}
+
+/// `machine-config`: vCPUs and memory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1..=[`MAX_VCPUS`]; 1 or even when `smt` is set.
+    #[serde(deserialize_with = "de_vcpu_count")]
+    pub vcpu_count: u8,
+    /// Guest memory size in MiB.
+    #[serde(deserialize_with = "de_mem_size_mib")]
+    pub mem_size_mib: usize,
+    /// Simultaneous multithreading (two threads per core) in the guest.
+    #[serde(default)]
+    pub smt: bool,
+    /// Track dirty pages (for diff snapshots in Firecracker).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Page size backing guest memory.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    /// Firecracker's static CPU template (deprecated there). Accepted so that
+    /// existing configs load, but ignored by kiln (a warning is logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: DEFAULT_VCPU_COUNT,
+            mem_size_mib: DEFAULT_MEM_SIZE_MIB,
+            smt: false,
+            track_dirty_pages: false,
+            huge_pages: HugePages::None,
+            cpu_template: None,
+        }
+    }
+}
+
+/// Reads a JSON value for `field` and converts it to `T`, so that an out of
+/// range or mistyped value (negative, fractional, too big, a string) yields a
+/// message naming the field and the value, not serde's bare "expected u8".
+fn de_number<'de, D, T>(deserializer: D, field: &str, expected: &str) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    value
+        .as_u64()
+        .and_then(|v| T::try_from(v).ok())
+        .ok_or_else(|| de::Error::custom(format!("{field} must be {expected}, got {value}")))
+}
+
+fn de_vcpu_count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
+    de_number(
+        deserializer,
+        "machine-config.vcpu_count",
+        &format!("between 1 and {MAX_VCPUS}"),
+    )
+}
+
+fn de_mem_size_mib<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+    de_number(
+        deserializer,
+        "machine-config.mem_size_mib",
+        "a whole number of MiB",
+    )
+}
+
+/// `drives[].cache_type`: whether guest flushes reach the host disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum CacheType {
+    /// Flush requests are acknowledged without syncing (Firecracker's default).
+    #[default]
+    Unsafe,
+    /// Flush requests are honoured with fsync/fdatasync.
+    Writeback,
+}
+
+/// `drives[].io_engine`: how the host performs block I/O.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum IoEngine {
+    /// Blocking system calls (Firecracker's default).
+    #[default]
+    Sync,
+    /// io_uring.
+    Async,
+}
+
+/// One entry of `drives`: a virtio-block device.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDeviceConfig {
+    /// Unique, non-empty name of the drive.
+    pub drive_id: String,
+    /// Host file or block device backing the drive. Firecracker omits it for
+    /// vhost-user drives (`socket`), hence the default; validation requires
+    /// it for every drive kiln supports.
+    #[serde(default)]
+    pub path_on_host: PathBuf,
+    /// Whether this drive holds the root filesystem (at most one may).
+    pub is_root_device: bool,
+    /// Open the backing file read-only and advertise the disk as read-only.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// Partition UUID of the root partition (used with `is_root_device`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Flush behaviour.
+    #[serde(default)]
+    pub cache_type: CacheType,
+    /// Host I/O engine; `None` means the default (`Sync`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<IoEngine>,
+    /// Rate limiter, accepted as any JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+    /// vhost-user-block backend socket (not supported by kiln yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+/// One entry of `network-interfaces`: a virtio-net device (not supported yet).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceConfig {
+    /// Unique name of the interface.
+    pub iface_id: String,
+    /// Host TAP device name.
+    pub host_dev_name: String,
+    /// Guest MAC address, e.g. `"06:00:AC:10:00:02"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// MTU advertised to the guest (newer Firecracker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// Receive rate limiter, accepted as any JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Transmit rate limiter, accepted as any JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `vsock`: a virtio-vsock device backed by Unix sockets (not supported yet).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest context ID (3 or more).
+    pub guest_cid: u32,
+    /// Host Unix socket path.
+    pub uds_path: PathBuf,
+    /// Deprecated in Firecracker; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// `entropy`: a virtio-rng device.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    /// Rate limiter, accepted as any JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `balloon`: a virtio-balloon device (not supported yet).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Target balloon size in MiB.
+    pub amount_mib: u32,
+    /// Deflate the balloon when the guest runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Statistics polling interval in seconds; 0 or absent disables them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats_polling_interval_s: Option<u16>,
+    /// Free page hinting (newer Firecracker).
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    /// Free page reporting (newer Firecracker).
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+/// `logger.level`. Parsed case-insensitively, as Firecracker does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Errors and warnings.
+    Warning,
+    /// Up to informational messages.
+    Info,
+    /// Up to debug messages.
+    Debug,
+    /// Everything.
+    Trace,
+    /// Nothing.
+    Off,
+}
+
+impl LogLevel {
+    const NAMES: &'static [&'static str] = &["Error", "Warning", "Info", "Debug", "Trace", "Off"];
+
+    /// The `log` crate filter for this level.
+    pub fn to_level_filter(&self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warning => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+            LogLevel::Off => log::LevelFilter::Off,
+        }
+    }
+
+    /// Parses a level name, ignoring ASCII case.
+    pub fn from_name(name: &str) -> Option<LogLevel> {
+        let level = match name.to_ascii_lowercase().as_str() {
+            "error" => LogLevel::Error,
+            "warning" => LogLevel::Warning,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            "off" => LogLevel::Off,
+            _ => return None,
+        };
+        Some(level)
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        LogLevel::from_name(&name).ok_or_else(|| de::Error::unknown_variant(&name, Self::NAMES))
+    }
+}
+
+/// `logger`: where kiln's own log goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// File or named pipe for the log; absent means stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<PathBuf>,
+    /// Maximum level to log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    /// Prefix each line with its level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Prefix each line with its source file and line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only log messages from this module path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `metrics`: where to flush JSON metrics (not supported yet).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// File or named pipe for the metrics.
+    pub metrics_path: PathBuf,
+}
+
+/// `mmds-config.version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum MmdsVersion {
+    /// MMDS version 1 (Firecracker's default).
+    #[default]
+    V1,
+    /// MMDS version 2 (session tokens).
+    V2,
+}
+
+/// `mmds-config`: the microVM metadata service (not supported yet).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    /// Interfaces (by `iface_id`) that may reach the MMDS.
+    pub network_interfaces: Vec<String>,
+    /// MMDS version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<MmdsVersion>,
+    /// Link-local address of the MMDS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<Ipv4Addr>,
+    /// Answer in EC2 IMDS style.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imds_compat: Option<bool>,
+}
