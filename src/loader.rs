@@ -143,10 +143,11 @@ pub fn load_initrd(
         .map(|h| u64::from(h.initrd_addr_max))
         .filter(|&m| m != 0)
         .unwrap_or(u64::MAX);
-    let addr = initrd_address(mem_size, size, max_addr, kernel.end).ok_or(Error::InitrdTooLarge {
-        path: path.to_owned(),
-        size,
-    })?;
+    let addr =
+        initrd_address(mem_size, size, max_addr, kernel.end).ok_or(Error::InitrdTooLarge {
+            path: path.to_owned(),
+            size,
+        })?;
     let len = usize::try_from(size).map_err(|_| Error::InitrdTooLarge {
         path: path.to_owned(),
         size,
@@ -205,7 +206,10 @@ mod tests {
     #[test]
     fn cmdline_too_long() {
         let long = "a".repeat(CMDLINE_MAX_SIZE);
-        assert!(matches!(load_command_line(&mem(), &long), Err(Error::CmdlineTooLong { .. })));
+        assert!(matches!(
+            load_command_line(&mem(), &long),
+            Err(Error::CmdlineTooLong { .. })
+        ));
     }
 
     #[test]
@@ -227,14 +231,22 @@ mod tests {
     fn initrd_at_top_of_memory() {
         let p = temp_file("initrd", &[0x5a; 5000]);
         let m = mem();
-        let k = LoadedKernel { entry: 0, mode: EntryMode::Linux64, setup_header: None, end: 0x20_0000 };
+        let k = LoadedKernel {
+            entry: 0,
+            mode: EntryMode::Linux64,
+            setup_header: None,
+            end: 0x20_0000,
+        };
         let (addr, size) = load_initrd(&m, 64 << 20, &p, &k).unwrap();
         assert_eq!(size, 5000);
         assert_eq!(addr, (64 << 20) - 0x2000);
         let b: u8 = m.read_obj(GuestAddress(addr + 4999)).unwrap();
         assert_eq!(b, 0x5a);
         let huge = LoadedKernel { end: 64 << 20, ..k };
-        assert!(matches!(load_initrd(&m, 64 << 20, &p, &huge), Err(Error::InitrdTooLarge { .. })));
+        assert!(matches!(
+            load_initrd(&m, 64 << 20, &p, &huge),
+            Err(Error::InitrdTooLarge { .. })
+        ));
         std::fs::remove_file(p).unwrap();
     }
 }

@@ -1,1 +1,85 @@
-fn main() {}
+//! `kiln --config-file vm.json`: boots the VM the file describes and runs it
+//! until the guest powers off or reboots.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use kiln::cli::Cli;
+use kiln::config::VmConfig;
+use kiln::devices::legacy::serial::Stdout;
+use kiln::terminal::RawMode;
+use kiln::vmm::{ConsoleIo, Vmm};
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("kiln: error: {msg}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = VmConfig::from_file(&cli.config_file);
+    let logger = config.as_ref().ok().and_then(|c| c.logger.clone());
+    let level = cli
+        .log_level
+        .map(|l| l.filter())
+        .or_else(|| {
+            logger
+                .as_ref()
+                .and_then(|l| l.level.map(|l| l.to_level_filter()))
+        })
+        .unwrap_or(log::LevelFilter::Warn);
+    let log_path = logger.as_ref().and_then(|l| l.log_path.as_deref());
+    let show_origin = logger
+        .as_ref()
+        .and_then(|l| l.show_log_origin)
+        .unwrap_or(false);
+    if let Err(e) = kiln::logger::init(level, log_path, show_origin) {
+        return fail(&format!("cannot open logger.log_path: {e}"));
+    }
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return fail(&error_chain(&e)),
+    };
+
+    let stdin = std::io::stdin();
+    let input = stdin.as_fd().try_clone_to_owned().ok().map(File::from);
+    let raw_mode = match RawMode::enable(stdin.as_fd()) {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot put the terminal in raw mode: {e}")),
+    };
+    let console = ConsoleIo {
+        output: Box::new(Stdout),
+        input,
+    };
+    let result = Vmm::build(&config, console).and_then(Vmm::run);
+    drop(raw_mode);
+    match result {
+        Ok(outcome) => {
+            let code = outcome.reason.exit_code();
+            if code != 0 {
+                eprintln!("kiln: {}", outcome.reason);
+            } else {
+                log::info!("{}", outcome.reason);
+            }
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Err(e) => fail(&error_chain(&e)),
+    }
+}

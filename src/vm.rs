@@ -141,8 +141,11 @@ impl Vm {
             // SAFETY: the region is a live mapping owned by `mem`, which the
             // VMM keeps for as long as the VM exists, and its size is the
             // mapping's size.
-            unsafe { self.fd.set_user_memory_region(r) }
-                .map_err(|source| Error::SetMemory { slot, addr, source })?;
+            unsafe { self.fd.set_user_memory_region(r) }.map_err(|source| Error::SetMemory {
+                slot,
+                addr,
+                source,
+            })?;
         }
         Ok(())
     }

@@ -1,0 +1,109 @@
+//! Event-loop subscribers that end the run: the VM's exit event, and the
+//! host signals that ask kiln to stop (SIGTERM, SIGINT, SIGHUP).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+
+use super::exit::{ExitReason, ExitSignal};
+use super::{Error, Subscriber};
+
+/// Drains the exit event so the loop wakes up and sees the exit reason.
+pub struct ExitWatcher(Arc<ExitSignal>);
+
+impl ExitWatcher {
+    pub fn new(exit: Arc<ExitSignal>) -> Result<Self, Error> {
+        Ok(ExitWatcher(exit))
+    }
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.event().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            log::error!("cannot watch the VM exit event: {e:?}");
+        }
+    }
+}
+
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t we own.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in STOP_SIGNALS {
+        // SAFETY: as above; the signals are valid numbers.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    set
+}
+
+/// Turns the stop signals into an [`ExitReason::Stopped`] through a
+/// signalfd, so the VM is torn down in order (terminal restored, vCPUs
+/// joined). The signals are blocked on the calling thread, and so in every
+/// vCPU thread started after it.
+pub struct StopSignals {
+    fd: OwnedFd,
+    exit: Arc<ExitSignal>,
+}
+
+impl StopSignals {
+    pub fn install(em: &mut EventManager<Subscriber>, exit: Arc<ExitSignal>) -> Result<(), Error> {
+        let set = signal_set();
+        // SAFETY: `set` is a valid signal set; a null old-set pointer is allowed.
+        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if r != 0 {
+            return Err(Error::Io {
+                what: "the stop signals",
+                source: std::io::Error::from_raw_os_error(r),
+            });
+        }
+        // SAFETY: -1 asks for a new signalfd; `set` is valid.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Io {
+                what: "the stop signals",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: signalfd returned a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        em.add_subscriber(Arc::new(Mutex::new(StopSignals { fd, exit })));
+        Ok(())
+    }
+}
+
+impl MutEventSubscriber for StopSignals {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into `info`, which is that large.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut info).cast(), size) };
+        if n != size as isize {
+            return;
+        }
+        let name = match info.ssi_signo as libc::c_int {
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGINT => "SIGINT",
+            libc::SIGHUP => "SIGHUP",
+            _ => "a signal",
+        };
+        log::info!("received {name}, stopping the VM");
+        self.exit
+            .report(ExitReason::Stopped(format!("kiln received {name}")));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("cannot watch stop signals: {e:?}");
+        }
+    }
+}

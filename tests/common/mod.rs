@@ -1,0 +1,129 @@
+//! Shared helpers for kiln's integration tests: tiny guests assembled in the
+//! test, packed as an ELF vmlinux, booted by the `kiln` binary through the
+//! same path users take (`kiln --config-file`).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use iced_x86::code_asm::CodeAssembler;
+
+/// Guest physical address the test kernels are loaded at and entered.
+pub const LOAD_ADDR: u64 = 0x10_0000;
+
+/// Fails the test, loudly, when this machine has no usable /dev/kvm: KVM
+/// tests must never pass by skipping.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("these tests need /dev/kvm and cannot open it ({e}); run them on a host with KVM");
+    }
+}
+
+/// A scratch directory unique to one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Packs `code` (assembled for `LOAD_ADDR`) as an ELF64 executable with one
+/// PT_LOAD segment, entered at `LOAD_ADDR` through the 64-bit boot protocol.
+pub fn elf_image(code: &[u8]) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    const CODE_OFFSET: usize = 0x1000;
+    let mut f = vec![0u8; CODE_OFFSET];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // ELFCLASS64
+    f[5] = 1; // little endian
+    f[6] = 1; // EV_CURRENT
+    let put16 =
+        |f: &mut Vec<u8>, at: usize, v: u16| f[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 =
+        |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    put16(&mut f, 16, 2); // ET_EXEC
+    put16(&mut f, 18, 0x3e); // EM_X86_64
+    put32(&mut f, 20, 1);
+    put64(&mut f, 24, LOAD_ADDR); // e_entry
+    put64(&mut f, 32, EHDR as u64); // e_phoff
+    put16(&mut f, 52, EHDR as u16); // e_ehsize
+    put16(&mut f, 54, PHDR as u16); // e_phentsize
+    put16(&mut f, 56, 1); // e_phnum
+    put16(&mut f, 58, 64); // e_shentsize
+    let p = EHDR;
+    put32(&mut f, p, 1); // PT_LOAD
+    put32(&mut f, p + 4, 7); // RWX
+    put64(&mut f, p + 8, CODE_OFFSET as u64);
+    put64(&mut f, p + 16, LOAD_ADDR);
+    put64(&mut f, p + 24, LOAD_ADDR);
+    put64(&mut f, p + 32, code.len() as u64);
+    put64(&mut f, p + 40, code.len() as u64);
+    put64(&mut f, p + 48, 0x1000);
+    f.extend_from_slice(code);
+    f
+}
+
+/// Assembles 64-bit code placed at `LOAD_ADDR`.
+pub fn assemble(build: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    build(&mut a);
+    a.assemble(LOAD_ADDR).unwrap()
+}
+
+/// Writes `kernel` and a config for it into `dir`; returns the config path.
+pub fn write_vm(dir: &Path, kernel: &[u8], vcpus: u8, extra: &str) -> PathBuf {
+    let kernel_path = dir.join("kernel.elf");
+    std::fs::write(&kernel_path, kernel).unwrap();
+    let config = format!(
+        r#"{{
+  "boot-source": {{ "kernel_image_path": "{}", "boot_args": "console=ttyS0" }},
+  "machine-config": {{ "vcpu_count": {vcpus}, "mem_size_mib": 64 }}{extra}
+}}"#,
+        kernel_path.display()
+    );
+    let config_path = dir.join("vm.json");
+    std::fs::write(&config_path, config).unwrap();
+    config_path
+}
+
+/// Runs `kiln --config-file config` with no stdin, killing it after `timeout`.
+pub fn run_kiln(config: &Path, timeout: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--config-file")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start kiln");
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "kiln did not exit within {timeout:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
