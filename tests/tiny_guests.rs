@@ -43,3 +43,158 @@ fn serial_output_then_i8042_reset_exits_zero() {
     );
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
 }
+
+/// The 16-bit startup code of the application processors, placed at
+/// 0x8000 (SIPI vector 8): print the x2APIC ID, count in, halt.
+fn ap_trampoline() -> Vec<u8> {
+    let mut a = CodeAssembler::new(16).unwrap();
+    let mut halt = a.create_label();
+    a.mov(ecx, 0x1bu32).unwrap(); // IA32_APIC_BASE
+    a.rdmsr().unwrap();
+    a.or(eax, 0xc00u32).unwrap(); // xAPIC enable + x2APIC mode
+    a.wrmsr().unwrap();
+    a.mov(ecx, 0x802u32).unwrap(); // x2APIC ID
+    a.rdmsr().unwrap();
+    a.add(al, b'0' as u32).unwrap();
+    a.mov(dx, 0x3f8u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.xor(bx, bx).unwrap();
+    a.mov(ds, bx).unwrap();
+    a.lock().inc(dword_ptr(AP_COUNTER as u32)).unwrap();
+    a.cli().unwrap();
+    a.set_label(&mut halt).unwrap();
+    a.hlt().unwrap();
+    a.jmp(halt).unwrap();
+    a.assemble(AP_TRAMPOLINE).unwrap()
+}
+
+const AP_TRAMPOLINE: u64 = 0x8000;
+const AP_COUNTER: u64 = 0x8800;
+
+#[test]
+fn four_vcpus_each_print_their_id() {
+    require_kvm();
+    let dir = scratch("smp");
+    let tramp = ap_trampoline();
+    let code = assemble(|a| {
+        let mut data = a.create_label();
+        let mut wait = a.create_label();
+        // Copy the AP startup code below 1 MiB.
+        a.lea(rsi, ptr(data)).unwrap();
+        a.mov(edi, AP_TRAMPOLINE as u32).unwrap();
+        a.mov(ecx, tramp.len() as u32).unwrap();
+        a.rep().movsb().unwrap();
+        a.mov(dword_ptr(AP_COUNTER), 0).unwrap();
+        // x2APIC on, print our own ID.
+        a.mov(ecx, 0x1bu32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 0xc00u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0x802u32).unwrap();
+        a.rdmsr().unwrap();
+        a.add(al, b'0' as u32).unwrap();
+        a.mov(dx, 0x3f8u32).unwrap();
+        a.out(dx, al).unwrap();
+        // INIT, then SIPI to 0x8000, to all but self (x2APIC ICR).
+        a.mov(ecx, 0x830u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.mov(eax, 0x000c_4500u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(eax, 0x000c_4600u32 | (AP_TRAMPOLINE >> 12) as u32)
+            .unwrap();
+        a.wrmsr().unwrap();
+        // Wait for the three APs, then reset.
+        a.set_label(&mut wait).unwrap();
+        a.pause().unwrap();
+        a.cmp(dword_ptr(AP_COUNTER), 3).unwrap();
+        a.jne(wait).unwrap();
+        reset(a);
+        a.set_label(&mut data).unwrap();
+        a.db(&tramp).unwrap();
+    });
+    let out = run_kiln(&write_vm(&dir, &elf_image(&code), 4, ""), TIMEOUT);
+    let mut ids: Vec<u8> = out.stdout.clone();
+    ids.sort_unstable();
+    assert_eq!(
+        text(&ids),
+        "0123",
+        "stdout: {:?} stderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
+/// Writes the byte in `al` to the serial port.
+fn putc(a: &mut CodeAssembler, c: u8) {
+    a.mov(al, c as u32).unwrap();
+    a.mov(dx, 0x3f8u32).unwrap();
+    a.out(dx, al).unwrap();
+}
+
+#[test]
+fn int3_returns_through_injected_bp_and_fwait_is_stepped_over() {
+    require_kvm();
+    let dir = scratch("int3");
+    let code = assemble(|a| {
+        let mut idt = a.create_label();
+        let mut idtr = a.create_label();
+        let mut handler = a.create_label();
+        // IDT entry 3: 64-bit interrupt gate to `handler`, code selector 8.
+        a.lea(rdi, ptr(idt)).unwrap();
+        a.lea(rax, ptr(handler)).unwrap();
+        a.mov(word_ptr(rdi + 3 * 16), ax).unwrap();
+        a.mov(word_ptr(rdi + 3 * 16 + 2), 8).unwrap();
+        a.mov(word_ptr(rdi + 3 * 16 + 4), 0x8e00).unwrap();
+        a.shr(rax, 16).unwrap();
+        a.mov(word_ptr(rdi + 3 * 16 + 6), ax).unwrap();
+        a.shr(rax, 16).unwrap();
+        a.mov(dword_ptr(rdi + 3 * 16 + 8), eax).unwrap();
+        a.lea(rax, ptr(idtr)).unwrap();
+        a.mov(qword_ptr(rax + 2), rdi).unwrap();
+        a.lidt(ptr(rax)).unwrap();
+        a.int3().unwrap();
+        putc(a, b'A');
+        a.wait().unwrap();
+        putc(a, b'W');
+        reset(a);
+        a.set_label(&mut handler).unwrap();
+        putc(a, b'B');
+        a.iretq().unwrap();
+        a.set_label(&mut idtr).unwrap();
+        a.dw(&[4 * 16 - 1]).unwrap();
+        a.dq(&[0]).unwrap();
+        a.set_label(&mut idt).unwrap();
+        a.db(&[0u8; 4 * 16]).unwrap();
+    });
+    let out = run_kiln(&write_vm(&dir, &elf_image(&code), 1, ""), TIMEOUT);
+    assert_eq!(text(&out.stdout), "BAW", "stderr: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn an_instruction_kvm_cannot_emulate_ends_the_vm_naming_it() {
+    require_kvm();
+    let dir = scratch("popcnt");
+    let code = assemble(|a| {
+        putc(a, b'1');
+        a.popcnt(rax, rbx).unwrap();
+        putc(a, b'2');
+        reset(a);
+    });
+    let out = run_kiln(&write_vm(&dir, &elf_image(&code), 1, ""), TIMEOUT);
+    let stderr = text(&out.stderr);
+    if kiln::quirks::is_pvm_host() {
+        // This host's KVM interprets CPL0 code and rejects POPCNT.
+        assert_eq!(text(&out.stdout), "1", "stderr: {stderr}");
+        assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+        assert!(stderr.contains("popcnt rax,rbx"), "{stderr}");
+        assert!(stderr.contains("f3 48 0f b8 c3"), "{stderr}");
+        assert!(stderr.contains("clearcpuid=popcnt"), "{stderr}");
+        assert!(stderr.contains("RIP 0x10000"), "{stderr}");
+    } else {
+        // Hardware KVM runs it natively.
+        assert_eq!(text(&out.stdout), "12", "stderr: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    }
+}

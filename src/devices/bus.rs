@@ -117,7 +117,7 @@ mod tests {
 
     impl BusDevice for Recorder {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(u8::try_from(offset).unwrap_or(0xff));
         }
         fn write(&mut self, offset: u64, data: &[u8]) {
             self.last = Some((offset, data.to_vec()));

@@ -59,12 +59,18 @@ impl std::fmt::Display for Failure {
             let hex: Vec<String> = self.bytes.iter().map(|b| format!("{b:02x}")).collect();
             write!(f, " (bytes {})", hex.join(" "))?;
         }
+        Ok(())
+    }
+}
+
+impl Failure {
+    /// How to avoid the instruction, as a sentence, or "".
+    pub fn hint(&self) -> String {
         match self.avoid_with {
-            Some(opt) => write!(
-                f,
+            Some(opt) => format!(
                 "; a Linux guest avoids it with `{opt}` on its command line (boot-source.boot_args)"
             ),
-            None => Ok(()),
+            None => String::new(),
         }
     }
 }

@@ -254,11 +254,13 @@ impl Vcpu {
         };
         match emulation::classify(&bytes, bitness, regs.rip) {
             Action::Breakpoint { len } => {
+                log::debug!("vCPU {id}: completing INT3 at {:#x} (KVM cannot emulate it)", regs.rip);
                 regs.rip = regs.rip.wrapping_add(len);
                 self.fd.set_regs(&regs).map_err(|e| vmm_err("KVM_SET_REGS", e))?;
                 self.inject_exception(BP_VECTOR)
             }
             Action::Fwait { len } => {
+                log::debug!("vCPU {id}: completing FWAIT at {:#x} (KVM cannot emulate it)", regs.rip);
                 let fpu = self.fd.get_fpu().map_err(|e| vmm_err("KVM_GET_FPU", e))?;
                 if fpu.fsw & FSW_ES != 0 {
                     // An unmasked x87 exception is pending: FWAIT raises #MF.
@@ -269,8 +271,9 @@ impl Vcpu {
                 }
             }
             Action::Fail(failure) => Err(ExitReason::GuestError(format!(
-                "vCPU {id}: KVM cannot emulate the guest instruction {failure} at RIP {:#x}; registers: {}",
+                "vCPU {id}: KVM cannot emulate the guest instruction {failure} at RIP {:#x}{}; registers: {}",
                 regs.rip,
+                failure.hint(),
                 format_regs(&regs)
             ))),
         }
