@@ -26,7 +26,7 @@ pub fn guest_mem() -> GuestMem {
 }
 
 pub struct Driver {
-    pub t: MmioTransport,
+    pub t: Arc<Mutex<MmioTransport>>,
     pub mem: GuestMem,
     pub qsize: u16,
     avail_idx: u16,
@@ -35,6 +35,10 @@ pub struct Driver {
 impl Driver {
     pub fn new<D: VirtioDevice + 'static>(dev: Arc<Mutex<D>>, mem: GuestMem) -> Self {
         let t = MmioTransport::new(dev, mem.clone()).unwrap();
+        Self::from_transport(Arc::new(Mutex::new(t)), mem)
+    }
+
+    pub fn from_transport(t: Arc<Mutex<MmioTransport>>, mem: GuestMem) -> Self {
         Self {
             t,
             mem,
@@ -45,12 +49,12 @@ impl Driver {
 
     pub fn read(&mut self, off: u64) -> u32 {
         let mut b = [0u8; 4];
-        self.t.read(off, &mut b);
+        self.t.lock().unwrap().read(off, &mut b);
         u32::from_le_bytes(b)
     }
 
     pub fn write(&mut self, off: u64, v: u32) {
-        self.t.write(off, &v.to_le_bytes());
+        self.t.lock().unwrap().write(off, &v.to_le_bytes());
     }
 
     pub fn status(&mut self) -> u32 {
