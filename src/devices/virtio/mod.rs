@@ -111,7 +111,12 @@ pub struct Interrupt {
     status: Arc<AtomicU32>,
     needs_reset: Arc<AtomicBool>,
     evt: Arc<EventFd>,
+    /// How many times the device was marked DEVICE_NEEDS_RESET (for logs).
+    warnings: Arc<AtomicU32>,
 }
+
+/// Warnings logged per device for DEVICE_NEEDS_RESET; later ones are debug.
+const MAX_NEEDS_RESET_WARNINGS: u32 = 4;
 
 impl Interrupt {
     pub(crate) fn new() -> Result<Self, Error> {
@@ -119,6 +124,7 @@ impl Interrupt {
             status: Arc::new(AtomicU32::new(0)),
             needs_reset: Arc::new(AtomicBool::new(false)),
             evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
+            warnings: Arc::new(AtomicU32::new(0)),
         })
     }
 
@@ -144,7 +150,13 @@ impl Interrupt {
     /// The device must stop processing its queues until it is reset.
     pub fn set_needs_reset(&self) {
         if !self.needs_reset.swap(true, Ordering::SeqCst) {
-            warn!("virtio: guest driver error, device needs reset");
+            // A guest can break and reset its device in a loop: only the
+            // first few occurrences are worth a warning.
+            if self.warnings.fetch_add(1, Ordering::Relaxed) < MAX_NEEDS_RESET_WARNINGS {
+                warn!("virtio: guest driver error, device needs reset");
+            } else {
+                log::debug!("virtio: guest driver error, device needs reset");
+            }
             self.signal_config_change();
         }
     }

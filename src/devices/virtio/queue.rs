@@ -201,6 +201,11 @@ where
             let Some(chain) = chain else { break };
             budget -= 1;
             let head = chain.head_index();
+            if head >= q.size() {
+                // virtio-queue would refuse (and log) the used entry.
+                fatal = true;
+                break 'outer;
+            }
             match handle(chain) {
                 Outcome::Used(len) => {
                     if q.add_used(mem, head, len).is_err() {

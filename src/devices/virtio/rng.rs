@@ -192,6 +192,15 @@ mod tests {
     }
 
     #[test]
+    fn head_index_beyond_queue_needs_reset() {
+        let (dev, mut d) = setup();
+        d.push_avail(16);
+        dev.lock().unwrap().process_queue(0);
+        assert!(d.needs_reset());
+        assert_eq!(d.used_idx(), 0);
+    }
+
+    #[test]
     fn avail_index_too_far_ahead_needs_reset() {
         let (dev, mut d) = setup();
         d.set_avail_idx(100); // queue size is 16
