@@ -31,7 +31,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use block::{BlockOptions, CacheMode};
-pub use mmio::MmioTransport;
+pub use mmio::{MmioTransport, MMIO_REGION_SIZE, QUEUE_NOTIFY_OFFSET};
 
 /// Guest memory as the devices see it. Cloning shares the mapping.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -238,7 +238,10 @@ pub trait VirtioDevice: Send {
 ///    datamatch `i as u32`;
 /// 4. add `subscriber` to the event manager;
 /// 5. tell the guest kernel: `virtio_mmio.device=4K@0x<base>:<gsi>` on the
-///    command line (or a device-tree node).
+///    command line ([`cmdline_param`]) or in a device-tree node.
+///
+/// No resamplefd is needed (as in Firecracker): the driver reads and acks
+/// InterruptStatus, and every new event writes the irqfd again.
 ///
 /// `irq_evt` and `queue_evts` are clones of eventfds the transport and the
 /// subscriber keep; dropping them after registration is fine.
@@ -278,6 +281,13 @@ fn assemble<D: VirtioDevice + 'static>(
     })
 }
 
+/// The kernel command-line parameter announcing a virtio-mmio device at
+/// `base` (4 KiB window) raising `gsi`, e.g.
+/// `virtio_mmio.device=4K@0xd0000000:5`.
+pub fn cmdline_param(base: u64, gsi: u32) -> String {
+    format!("virtio_mmio.device=4K@{base:#x}:{gsi}")
+}
+
 /// Creates a virtio-blk device backed by `opts.path`.
 pub fn new_block(opts: BlockOptions, mem: GuestMem) -> Result<VirtioMmioDevice, Error> {
     assemble(block::Block::new(opts)?, mem)
@@ -286,4 +296,15 @@ pub fn new_block(opts: BlockOptions, mem: GuestMem) -> Result<VirtioMmioDevice, 
 /// Creates a virtio-rng device fed by the host's `getrandom`.
 pub fn new_rng(mem: GuestMem) -> Result<VirtioMmioDevice, Error> {
     assemble(rng::Rng::new(), mem)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cmdline_param_format() {
+        assert_eq!(
+            super::cmdline_param(0xd000_0000, 5),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
+    }
 }
