@@ -223,8 +223,10 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Processes the available buffers of queue `index`. Called on the
     /// event-manager thread when the queue is notified. Does nothing when the
-    /// device is not activated or needs a reset.
-    fn process_queue(&mut self, index: usize);
+    /// device is not activated or needs a reset. Returns true when buffers
+    /// may be left (a work budget ran out): the caller must call it again
+    /// later, after letting other event sources run.
+    fn process_queue(&mut self, index: usize) -> bool;
 }
 
 /// Everything the builder needs to wire one virtio-mmio device.

@@ -167,19 +167,22 @@ pub enum Outcome {
 
 /// Upper bound on the chains handled per call, so that a driver refilling
 /// the ring as fast as it is drained cannot keep the event thread forever.
-/// Leftover chains are handled at the next notification.
+/// When it runs out, [`drain`] returns true and the caller must call again
+/// later (the event-loop glue re-signals the queue's eventfd).
 const MAX_CHAINS_PER_DRAIN: usize = 4096;
 
 /// Takes every available chain of `q`, hands it to `handle`, returns it in
 /// the used ring, then interrupts the driver if it wants to be (event index
 /// aware). A ring the device cannot read or write marks the device
 /// DEVICE_NEEDS_RESET. Does nothing if the device already needs a reset.
-pub fn drain<F>(q: &mut Queue, mem: &GuestMem, interrupt: &Interrupt, mut handle: F)
+///
+/// Returns true when chains may be left because the budget ran out.
+pub fn drain<F>(q: &mut Queue, mem: &GuestMem, interrupt: &Interrupt, mut handle: F) -> bool
 where
     F: FnMut(DescriptorChain<&GuestMem>) -> Outcome,
 {
     if interrupt.needs_reset() {
-        return;
+        return false;
     }
     let mut used_any = false;
     let mut fatal = false;
@@ -238,7 +241,9 @@ where
     }
     if fatal {
         interrupt.set_needs_reset();
+        return false;
     }
+    budget == 0
 }
 
 #[cfg(test)]

@@ -116,18 +116,18 @@ impl VirtioDevice for Rng {
         self.active = None;
     }
 
-    fn process_queue(&mut self, index: usize) {
+    fn process_queue(&mut self, index: usize) -> bool {
         let Some(active) = self.active.as_mut() else {
-            return;
+            return false;
         };
         let Some(q) = active.queues.get_mut(index) else {
-            return;
+            return false;
         };
         let mem = &active.mem;
         let buf = &mut self.buf;
         drain(q, mem, &active.interrupt, |chain| {
             Outcome::Used(fill_chain(chain, mem, buf))
-        });
+        })
     }
 }
 

@@ -66,10 +66,22 @@ impl<D: VirtioDevice> QueueSubscriber<D> {
         self.watching_queues = active;
     }
 
+    /// Processes queue `i`; if work is left, re-signals its eventfd so the
+    /// event loop comes back to it after serving other sources.
+    fn run_queue(&self, i: usize) {
+        let more = lock(&self.device).process_queue(i);
+        if more {
+            if let Some(evt) = self.queue_evts.get(i) {
+                if let Err(e) = evt.write(1) {
+                    error!("virtio: cannot re-signal queue {i}: {e}");
+                }
+            }
+        }
+    }
+
     fn process_all(&mut self) {
-        let mut dev = lock(&self.device);
         for i in 0..self.queue_evts.len() {
-            dev.process_queue(i);
+            self.run_queue(i);
         }
     }
 }
@@ -104,7 +116,7 @@ impl<D: VirtioDevice> MutEventSubscriber for QueueSubscriber<D> {
                     Some(evt) => {
                         // Drains the counter; a failure means it was already 0.
                         let _ = evt.read();
-                        lock(&self.device).process_queue(i);
+                        self.run_queue(i);
                     }
                     None => debug!("virtio: event for unknown queue data {data}"),
                 }

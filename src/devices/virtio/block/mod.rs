@@ -236,17 +236,17 @@ impl VirtioDevice for Block {
         self.disk.flush_negotiated = false;
     }
 
-    fn process_queue(&mut self, index: usize) {
+    fn process_queue(&mut self, index: usize) -> bool {
         let Some(active) = self.active.as_mut() else {
-            return;
+            return false;
         };
         let Some(q) = active.queues.get_mut(index) else {
-            return;
+            return false;
         };
         let (mem, disk, buf) = (&active.mem, &self.disk, &mut self.bounce);
         drain(q, mem, &active.interrupt, |chain| {
             handle_chain(chain, mem, disk, buf)
-        });
+        })
     }
 }
 
