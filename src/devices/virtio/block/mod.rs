@@ -1,0 +1,254 @@
+//! virtio-blk (virtio 1.2 §5.2) backed by a raw image file or block device.
+//!
+//! [`request`] holds the request parsing and execution; this module holds
+//! the device: features, config space and the queue glue.
+
+pub mod request;
+
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom};
+use std::path::PathBuf;
+
+use log::debug;
+use virtio_queue::DescriptorChain;
+use vm_memory::Bytes;
+
+use self::request::{Disk, ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
+use super::queue::{drain, Outcome};
+use super::{device_type, features, ActivateContext, GuestMem, VirtioDevice};
+
+/// §5.2.3 feature bits.
+pub mod feature_bits {
+    /// §5.2.3: `size_max` holds the largest size of one data buffer.
+    pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
+    /// §5.2.3: `seg_max` holds the largest number of data buffers.
+    pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+    /// §5.2.3: the device is read-only.
+    pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+    /// §5.2.3: the device accepts FLUSH (its cache is not writethrough).
+    pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+}
+use feature_bits::*;
+
+/// §5.2.2: one request queue.
+const QUEUE_SIZES: &[u16] = &[256];
+/// seg_max: the queue size minus header and status (as Linux expects).
+const SEG_MAX: u32 = 126;
+/// size_max: 256 KiB, so that SEG_MAX * SIZE_MAX stays within MAX_REQUEST_BYTES.
+const SIZE_MAX: u32 = 256 << 10;
+const _: () = assert!(SEG_MAX as u64 * SIZE_MAX as u64 <= MAX_REQUEST_BYTES);
+/// §5.2.4: capacity (le64) @0, size_max (le32) @8, seg_max (le32) @12,
+/// geometry @16, blk_size @20, topology @24, writeback @32, num_queues @34.
+const CONFIG_SPACE_SIZE: usize = 36;
+/// Bounce buffer between the file and guest memory.
+const BOUNCE_SIZE: usize = 128 << 10;
+
+/// What the host does with the guest's writes before a FLUSH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Flushes are ignored and not advertised: fastest, loses data if the
+    /// host crashes. Fine for throw-away disks.
+    Unsafe,
+    /// FLUSH is advertised and does fdatasync.
+    #[default]
+    Writeback,
+}
+
+/// How to build a block device.
+#[derive(Debug, Clone)]
+pub struct BlockOptions {
+    /// Raw image file or block device.
+    pub path: PathBuf,
+    /// Open read-only and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    pub cache: CacheMode,
+    /// GET_ID answer, at most 20 bytes.
+    pub drive_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open disk image {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot get the size of disk image {}: {source}", path.display())]
+    Size {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("size of disk image {} ({size} bytes) is not a multiple of 512", path.display())]
+    NotSectorMultiple { path: PathBuf, size: u64 },
+    #[error("drive id {0:?} is longer than 20 bytes")]
+    DriveIdTooLong(String),
+}
+
+/// The virtio-blk device.
+pub struct Block {
+    disk: Disk,
+    avail_features: u64,
+    config: [u8; CONFIG_SPACE_SIZE],
+    active: Option<ActivateContext>,
+    bounce: Vec<u8>,
+}
+
+impl Block {
+    /// Opens the image (once) and checks its size.
+    pub fn new(opts: BlockOptions) -> Result<Self, Error> {
+        let id_bytes = opts.drive_id.as_bytes();
+        if id_bytes.len() > ID_BYTES {
+            return Err(Error::DriveIdTooLong(opts.drive_id));
+        }
+        let mut id = [0u8; ID_BYTES];
+        id[..id_bytes.len()].copy_from_slice(id_bytes);
+
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .open(&opts.path)
+            .map_err(|source| Error::Open {
+                path: opts.path.clone(),
+                source,
+            })?;
+        // Seeking works for block devices too, where metadata().len() is 0.
+        let size = file.seek(SeekFrom::End(0)).map_err(|source| Error::Size {
+            path: opts.path.clone(),
+            source,
+        })?;
+        if size % SECTOR_SIZE != 0 {
+            return Err(Error::NotSectorMultiple {
+                path: opts.path,
+                size,
+            });
+        }
+
+        let mut avail_features = features::COMMON | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_SIZE_MAX;
+        if opts.read_only {
+            avail_features |= VIRTIO_BLK_F_RO;
+        }
+        if opts.cache == CacheMode::Writeback {
+            avail_features |= VIRTIO_BLK_F_FLUSH;
+        }
+        let mut config = [0u8; CONFIG_SPACE_SIZE];
+        config[0..8].copy_from_slice(&(size / SECTOR_SIZE).to_le_bytes());
+        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+
+        Ok(Self {
+            disk: Disk {
+                file,
+                size,
+                read_only: opts.read_only,
+                cache: opts.cache,
+                flush_negotiated: false,
+                id,
+            },
+            avail_features,
+            config,
+            active: None,
+            bounce: vec![0; BOUNCE_SIZE],
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.size / SECTOR_SIZE
+    }
+}
+
+/// Handles one chain: parse, execute, write the status.
+fn handle_chain(
+    chain: DescriptorChain<&GuestMem>,
+    mem: &GuestMem,
+    disk: &Disk,
+    buf: &mut [u8],
+) -> Outcome {
+    let (status, written, status_addr) = match request::parse(chain, mem) {
+        Ok(req) => {
+            let (status, written) = request::execute(&req, disk, mem, buf);
+            (status, written, req.status_addr)
+        }
+        Err(request::Error::Bad {
+            status_addr,
+            status,
+            reason,
+        }) => {
+            debug!("virtio-blk: {reason}");
+            (status, 0, status_addr)
+        }
+        Err(e @ request::Error::NoStatus(_)) => {
+            debug!("virtio-blk: {e}");
+            return Outcome::Fatal;
+        }
+    };
+    // The status address was checked by `parse`; failing here means the
+    // memory map changed under us: give up on the device.
+    if mem.write_obj(status, status_addr).is_err() {
+        return Outcome::Fatal;
+    }
+    // `written` <= MAX_REQUEST_BYTES, so this does not saturate in practice.
+    Outcome::Used(written.saturating_add(1))
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let range = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(data.len())?));
+        match range.and_then(|r| self.config.get(r)) {
+            Some(bytes) => data.copy_from_slice(bytes),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // VIRTIO_BLK_F_CONFIG_WCE is not offered: every field is read-only.
+        debug!(
+            "virtio-blk: {}-byte config write at {offset:#x} ignored",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) {
+        self.disk.flush_negotiated = ctx.acked_features & VIRTIO_BLK_F_FLUSH != 0;
+        self.active = Some(ctx);
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.disk.flush_negotiated = false;
+    }
+
+    fn process_queue(&mut self, index: usize) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let Some(q) = active.queues.get_mut(index) else {
+            return false;
+        };
+        let (mem, disk, buf) = (&active.mem, &self.disk, &mut self.bounce);
+        drain(q, mem, &active.interrupt, |chain| {
+            handle_chain(chain, mem, disk, buf)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
