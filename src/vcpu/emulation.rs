@@ -186,7 +186,7 @@ mod tests {
         };
         assert!(f.instruction.starts_with("xrstor64"), "{}", f.instruction);
         assert_eq!(f.avoid_with, Some("noxsave"));
-        let text = f.to_string();
+        let text = f.to_string() + &f.hint();
         assert!(
             text.contains("48 0f ae 2f") && text.contains("noxsave"),
             "{text}"
