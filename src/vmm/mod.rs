@@ -13,6 +13,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -21,10 +22,11 @@ use crate::arch::x86_64::cpuid::Topology;
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::{self, EntryMode};
-use crate::config::VmConfig;
+use crate::config::{BlockDeviceConfig, CacheType, VmConfig};
 use crate::devices::bus::{self, Bus};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{Output, SerialDevice, SerialInput};
+use crate::devices::virtio::{self, BlockOptions, CacheMode, VirtioMmioDevice};
 use crate::vcpu::{self, Vcpu, VcpuHandle, VcpuSetup};
 use crate::{loader, memory, quirks, vm};
 use exit::{ExitReason, ExitSignal};
@@ -66,8 +68,23 @@ pub enum Error {
     },
     #[error("cannot register the interrupt of {name} (IRQ {irq})")]
     Irqfd {
-        name: &'static str,
+        name: String,
         irq: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot create virtio device {name}")]
+    Virtio {
+        name: String,
+        #[source]
+        source: virtio::Error,
+    },
+    #[error("too many virtio devices: kiln has IRQs for {max}")]
+    TooManyDevices { max: u32 },
+    #[error("cannot register the queue notification of {name} at {addr:#x}")]
+    Ioeventfd {
+        name: String,
+        addr: u64,
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -77,6 +94,78 @@ pub enum Error {
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
+}
+
+fn block_options(d: &BlockDeviceConfig) -> BlockOptions {
+    BlockOptions {
+        path: d.path_on_host.clone(),
+        read_only: d.is_read_only,
+        cache: match d.cache_type {
+            CacheType::Unsafe => CacheMode::Unsafe,
+            CacheType::Writeback => CacheMode::Writeback,
+        },
+        drive_id: d.drive_id.clone(),
+    }
+}
+
+/// The one place virtio-mmio devices are wired: an MMIO page and an IRQ
+/// each, the irqfd, one ioeventfd per queue, the event-loop subscriber and
+/// the `virtio_mmio.device=` announcement on the command line.
+struct VirtioAttacher<'a> {
+    vm: &'a vm::Vm,
+    mmio_bus: &'a mut Bus,
+    event_manager: &'a mut EventManager<Subscriber>,
+    cmdline: &'a mut String,
+    count: u32,
+}
+
+impl VirtioAttacher<'_> {
+    /// The drive letter the next block device gets (vda, vdb, ...).
+    fn block_letter(&self) -> char {
+        char::from(b'a' + u8::try_from(self.count % 26).unwrap_or(0))
+    }
+
+    fn attach(&mut self, name: &str, dev: VirtioMmioDevice) -> Result<(), Error> {
+        let irq = VIRTIO_IRQ_START + self.count;
+        if irq > IRQ_MAX {
+            return Err(Error::TooManyDevices {
+                max: IRQ_MAX - VIRTIO_IRQ_START + 1,
+            });
+        }
+        let base = VIRTIO_MMIO_START + u64::from(self.count) * VIRTIO_MMIO_SIZE;
+        self.mmio_bus
+            .insert(dev.transport.clone(), base, VIRTIO_MMIO_SIZE)
+            .map_err(|source| Error::Bus {
+                name: "virtio-mmio",
+                source,
+            })?;
+        self.vm
+            .fd
+            .register_irqfd(&dev.irq_evt, irq)
+            .map_err(|source| Error::Irqfd {
+                name: name.to_string(),
+                irq,
+                source,
+            })?;
+        let notify = base + virtio::QUEUE_NOTIFY_OFFSET;
+        for (i, evt) in dev.queue_evts.iter().enumerate() {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            self.vm
+                .fd
+                .register_ioevent(evt, &IoEventAddress::Mmio(notify), index)
+                .map_err(|source| Error::Ioeventfd {
+                    name: name.to_string(),
+                    addr: notify,
+                    source,
+                })?;
+        }
+        self.event_manager.add_subscriber(dev.subscriber);
+        self.cmdline.push(' ');
+        self.cmdline.push_str(&virtio::cmdline_param(base, irq));
+        log::debug!("{name}: virtio-mmio at {base:#x}, IRQ {irq}");
+        self.count += 1;
+        Ok(())
+    }
 }
 
 /// Where the console goes and comes from.
@@ -123,7 +212,7 @@ impl Vmm {
         )?)));
 
         let mut io_bus = Bus::new();
-        let mmio_bus = Bus::new();
+        let mut mmio_bus = Bus::new();
         Self::attach_legacy_devices(&vm, &mut io_bus, &mut event_manager, &exit, console)?;
 
         let mut cmdline = config
@@ -131,6 +220,41 @@ impl Vmm {
             .boot_args
             .clone()
             .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string());
+        let mut virtio = VirtioAttacher {
+            vm: &vm,
+            mmio_bus: &mut mmio_bus,
+            event_manager: &mut event_manager,
+            cmdline: &mut cmdline,
+            count: 0,
+        };
+        // The root drive goes first, so the guest names it /dev/vda.
+        let mut drives: Vec<&BlockDeviceConfig> = config.drives.iter().collect();
+        drives.sort_by_key(|d| !d.is_root_device);
+        for drive in drives {
+            let letter = virtio.block_letter();
+            let dev = virtio::new_block(block_options(drive), mem.clone()).map_err(|source| {
+                Error::Virtio {
+                    name: format!("drive {}", drive.drive_id),
+                    source,
+                }
+            })?;
+            virtio.attach(&format!("drive {}", drive.drive_id), dev)?;
+            if drive.is_root_device {
+                let root = match &drive.partuuid {
+                    Some(uuid) => format!("PARTUUID={uuid}"),
+                    None => format!("/dev/vd{letter}"),
+                };
+                let mode = if drive.is_read_only { "ro" } else { "rw" };
+                virtio.cmdline.push_str(&format!(" root={root} {mode}"));
+            }
+        }
+        if config.entropy.is_some() {
+            let dev = virtio::new_rng(mem.clone()).map_err(|source| Error::Virtio {
+                name: "entropy".into(),
+                source,
+            })?;
+            virtio.attach("entropy", dev)?;
+        }
         if let Some(extra) = quirks::cmdline_additions(&cmdline) {
             log::info!("this host's KVM interprets guest kernel code ({}); adding to the kernel command line: {extra}", quirks::BACKEND_NAME);
             cmdline.push(' ');
@@ -200,7 +324,7 @@ impl Vmm {
         vm.fd
             .register_irqfd(&irq, SERIAL_IRQ)
             .map_err(|source| Error::Irqfd {
-                name: "serial",
+                name: "serial".into(),
                 irq: SERIAL_IRQ,
                 source,
             })?;
