@@ -356,6 +356,12 @@ impl Vmm {
         &self.cmdline
     }
 
+    /// A handle to end the run from another thread: report a reason on it
+    /// (e.g. [`ExitReason::Stopped`] for a timeout) and [`Vmm::run`] returns.
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
     /// Runs the VM until the guest ends it or kiln is signalled; every vCPU
     /// thread is stopped and joined before this returns.
     pub fn run(mut self) -> Result<RunOutcome, Error> {

@@ -127,3 +127,64 @@ pub fn run_kiln(config: &Path, timeout: Duration) -> Output {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// A guest artifact built by tools/build-guest-kernel or tools/build-rootfs
+/// (`vmlinux`, `bzImage`, `initramfs.cpio`, `rootfs.ext4`), from
+/// `$KILN_GUEST_DIR` or `${XDG_CACHE_HOME:-~/.cache}/kiln`. Fails the test
+/// with the command to run when it is missing.
+pub fn guest_artifact(name: &str) -> PathBuf {
+    let dir = std::env::var_os("KILN_GUEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("kiln")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln")))
+        .expect("neither KILN_GUEST_DIR, XDG_CACHE_HOME nor HOME is set");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "guest artifact {} is missing: build it with tools/build-guest-kernel and tools/build-rootfs (CI does, in .ci/run)",
+        path.display()
+    );
+    path
+}
+
+/// A writer the test can read back: the guest's console.
+#[derive(Clone, Default)]
+pub struct Capture(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // KILN_TEST_CONSOLE=1 shows guest consoles live (to debug a test).
+        if std::env::var_os("KILN_TEST_CONSOLE").is_some() {
+            let _ = std::io::stderr().write_all(buf);
+        }
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    pub fn text(&self) -> String {
+        text(&self.0.lock().unwrap())
+    }
+}
+
+/// `kiln.cmd=` for the guest init: the command, base64-encoded.
+pub fn kiln_cmd(cmd: &str) -> String {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::from("kiln.cmd=");
+    for chunk in cmd.as_bytes().chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,162 @@
+//! End-to-end: boot the project's own Linux guest (tools/build-guest-kernel,
+//! tools/build-rootfs) to its init, run a command in it, power off.
+//!
+//! Each boot takes about a minute on hosts whose KVM interprets guest kernel
+//! code (kvm_pvm, see README); cargo runs these tests two at a time.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use kiln::config::VmConfig;
+use kiln::vmm::exit::ExitReason;
+use kiln::vmm::{ConsoleIo, Vmm};
+
+const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux quiet";
+/// A boot that takes longer than this is stuck (a boot takes about a minute
+/// here, a few seconds on hardware KVM).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+
+/// Boots `config` in-process and returns the console output, after checking
+/// that the guest ended by itself and that every vCPU thread was joined.
+fn boot(config: &str, vcpus: u8) -> String {
+    require_kvm();
+    let config = VmConfig::from_json(config).unwrap();
+    let console = Capture::default();
+    let vmm = Vmm::build(
+        &config,
+        ConsoleIo {
+            output: Box::new(console.clone()),
+            input: None,
+        },
+    )
+    .unwrap();
+    let exit = vmm.exit_signal();
+    std::thread::spawn(move || {
+        std::thread::sleep(BOOT_TIMEOUT);
+        exit.report(ExitReason::Stopped(format!("test timeout after {BOOT_TIMEOUT:?}")));
+    });
+    let outcome = vmm.run().unwrap();
+    let out = console.text();
+    assert_eq!(outcome.reason, ExitReason::Reset, "console:\n{out}");
+    assert_eq!(outcome.vcpus_joined, usize::from(vcpus), "console:\n{out}");
+    assert_eq!(outcome.vcpus_panicked, 0);
+    assert!(out.contains("KILN-BOOT-OK"), "no boot marker; console:\n{out}");
+    out
+}
+
+fn initramfs_config(vcpus: u8, cmd: &str) -> String {
+    format!(
+        r#"{{
+  "boot-source": {{
+    "kernel_image_path": "{}",
+    "initrd_path": "{}",
+    "boot_args": "{BOOT_ARGS} {}"
+  }},
+  "machine-config": {{ "vcpu_count": {vcpus}, "mem_size_mib": 256 }}
+}}"#,
+        guest_artifact("vmlinux").display(),
+        guest_artifact("initramfs.cpio").display(),
+        kiln_cmd(cmd)
+    )
+}
+
+fn rootfs_config(vcpus: u8, image: &Path, read_only: bool, cmd: &str) -> String {
+    format!(
+        r#"{{
+  "boot-source": {{
+    "kernel_image_path": "{}",
+    "boot_args": "{BOOT_ARGS} {}"
+  }},
+  "machine-config": {{ "vcpu_count": {vcpus}, "mem_size_mib": 256 }},
+  "drives": [{{
+    "drive_id": "rootfs",
+    "path_on_host": "{}",
+    "is_root_device": true,
+    "is_read_only": {read_only}
+  }}],
+  "entropy": {{}}
+}}"#,
+        guest_artifact("vmlinux").display(),
+        kiln_cmd(cmd),
+        image.display()
+    )
+}
+
+fn initramfs_boot_runs_a_command(vcpus: u8) {
+    let out = boot(
+        &initramfs_config(vcpus, "echo hello-from-the-guest; grep -c ^processor /proc/cpuinfo"),
+        vcpus,
+    );
+    assert!(out.contains("hello-from-the-guest"), "console:\n{out}");
+    assert!(out.contains(&format!("\n{vcpus}\r\n")) || out.contains(&format!("\n{vcpus}\n")), "guest does not see {vcpus} CPUs; console:\n{out}");
+    assert!(out.contains("KILN-EXIT=0"), "console:\n{out}");
+}
+
+#[test]
+fn initramfs_boot_1_vcpu() {
+    initramfs_boot_runs_a_command(1);
+}
+
+#[test]
+fn initramfs_boot_2_vcpus() {
+    initramfs_boot_runs_a_command(2);
+}
+
+/// A private copy of the ext4 image: tests write into it.
+fn rootfs_copy(name: &str) -> std::path::PathBuf {
+    let dir = scratch(name);
+    let image = dir.join("rootfs.ext4");
+    std::fs::copy(guest_artifact("rootfs.ext4"), &image).unwrap();
+    image
+}
+
+#[test]
+fn ext4_root_disk_read_write_and_hwrng() {
+    let image = rootfs_copy("rootfs-rw");
+    let out = boot(
+        &rootfs_config(
+            1,
+            &image,
+            false,
+            "echo kiln-was-here > /root/proof && sync && echo WROTE; \
+             echo RNG=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n')",
+        ),
+        1,
+    );
+    assert!(out.contains("WROTE"), "console:\n{out}");
+    let rng = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("RNG="))
+        .unwrap_or_else(|| panic!("no RNG line; console:\n{out}"));
+    assert_eq!(rng.len(), 32, "16 bytes from /dev/hwrng as hex: {rng:?}");
+    assert!(rng.chars().all(|c| c.is_ascii_hexdigit()), "{rng:?}");
+    // The file is in the image on the host.
+    let cat = std::process::Command::new("debugfs")
+        .args(["-R", "cat /root/proof"])
+        .arg(&image)
+        .output()
+        .expect("debugfs (e2fsprogs) is needed to read the image");
+    assert_eq!(text(&cat.stdout).trim(), "kiln-was-here", "debugfs: {}", text(&cat.stderr));
+}
+
+#[test]
+fn ext4_root_disk_read_only_refuses_writes() {
+    let image = rootfs_copy("rootfs-ro");
+    let before = std::fs::read(&image).unwrap();
+    let out = boot(
+        &rootfs_config(
+            2,
+            &image,
+            true,
+            "echo x > /root/nope; echo FS-WRITE=$?; \
+             dd if=/dev/zero of=/dev/vda bs=512 count=1 2>/dev/null; echo DEV-WRITE=$?",
+        ),
+        2,
+    );
+    assert!(out.contains("FS-WRITE=") && !out.contains("FS-WRITE=0"), "console:\n{out}");
+    assert!(out.contains("DEV-WRITE=") && !out.contains("DEV-WRITE=0"), "console:\n{out}");
+    assert!(std::fs::read(&image).unwrap() == before, "the read-only image changed");
+}
