@@ -8,6 +8,9 @@
 //!
 //! Run: `cargo bench --bench exits` (or `tools/bench-exits`).
 
+// Test guests are built from small constants: truncation cannot happen.
+#![allow(clippy::cast_possible_truncation)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

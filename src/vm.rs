@@ -100,7 +100,7 @@ impl Vm {
             });
         }
         let fd = kvm.create_vm().map_err(Error::CreateVm)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        fd.set_tss_address(usize::try_from(KVM_TSS_ADDRESS).unwrap_or(usize::MAX))
             .map_err(Error::SetTss)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(Error::SetIdentityMap)?;

@@ -4,6 +4,9 @@
 //! Each boot takes about a minute on hosts whose KVM interprets guest kernel
 //! code (kvm_pvm, see README); cargo runs these tests two at a time.
 
+// Test guests are built from small constants: truncation cannot happen.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 
 use std::path::Path;
@@ -36,14 +39,19 @@ fn boot(config: &str, vcpus: u8) -> String {
     let exit = vmm.exit_signal();
     std::thread::spawn(move || {
         std::thread::sleep(BOOT_TIMEOUT);
-        exit.report(ExitReason::Stopped(format!("test timeout after {BOOT_TIMEOUT:?}")));
+        exit.report(ExitReason::Stopped(format!(
+            "test timeout after {BOOT_TIMEOUT:?}"
+        )));
     });
     let outcome = vmm.run().unwrap();
     let out = console.text();
     assert_eq!(outcome.reason, ExitReason::Reset, "console:\n{out}");
     assert_eq!(outcome.vcpus_joined, usize::from(vcpus), "console:\n{out}");
     assert_eq!(outcome.vcpus_panicked, 0);
-    assert!(out.contains("KILN-BOOT-OK"), "no boot marker; console:\n{out}");
+    assert!(
+        out.contains("KILN-BOOT-OK"),
+        "no boot marker; console:\n{out}"
+    );
     out
 }
 
@@ -87,11 +95,17 @@ fn rootfs_config(vcpus: u8, image: &Path, read_only: bool, cmd: &str) -> String 
 
 fn initramfs_boot_runs_a_command(vcpus: u8) {
     let out = boot(
-        &initramfs_config(vcpus, "echo hello-from-the-guest; grep -c ^processor /proc/cpuinfo"),
+        &initramfs_config(
+            vcpus,
+            "echo hello-from-the-guest; grep -c ^processor /proc/cpuinfo",
+        ),
         vcpus,
     );
     assert!(out.contains("hello-from-the-guest"), "console:\n{out}");
-    assert!(out.contains(&format!("\n{vcpus}\r\n")) || out.contains(&format!("\n{vcpus}\n")), "guest does not see {vcpus} CPUs; console:\n{out}");
+    assert!(
+        out.contains(&format!("\n{vcpus}\r\n")) || out.contains(&format!("\n{vcpus}\n")),
+        "guest does not see {vcpus} CPUs; console:\n{out}"
+    );
     assert!(out.contains("KILN-EXIT=0"), "console:\n{out}");
 }
 
@@ -139,7 +153,12 @@ fn ext4_root_disk_read_write_and_hwrng() {
         .arg(&image)
         .output()
         .expect("debugfs (e2fsprogs) is needed to read the image");
-    assert_eq!(text(&cat.stdout).trim(), "kiln-was-here", "debugfs: {}", text(&cat.stderr));
+    assert_eq!(
+        text(&cat.stdout).trim(),
+        "kiln-was-here",
+        "debugfs: {}",
+        text(&cat.stderr)
+    );
 }
 
 #[test]
@@ -156,7 +175,16 @@ fn ext4_root_disk_read_only_refuses_writes() {
         ),
         2,
     );
-    assert!(out.contains("FS-WRITE=") && !out.contains("FS-WRITE=0"), "console:\n{out}");
-    assert!(out.contains("DEV-WRITE=") && !out.contains("DEV-WRITE=0"), "console:\n{out}");
-    assert!(std::fs::read(&image).unwrap() == before, "the read-only image changed");
+    assert!(
+        out.contains("FS-WRITE=") && !out.contains("FS-WRITE=0"),
+        "console:\n{out}"
+    );
+    assert!(
+        out.contains("DEV-WRITE=") && !out.contains("DEV-WRITE=0"),
+        "console:\n{out}"
+    );
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the read-only image changed"
+    );
 }

@@ -1,6 +1,9 @@
 //! KVM integration tests with tiny guests: a few dozen instructions
 //! assembled here, booted by the `kiln` binary.
 
+// Test guests are built from small constants: truncation cannot happen.
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 
 use std::time::Duration;

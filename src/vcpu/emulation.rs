@@ -145,7 +145,7 @@ mod tests {
     use super::*;
 
     fn pack(bytes: &[u8]) -> [u64; 16] {
-        let mut raw = vec![bytes.len() as u8];
+        let mut raw = vec![u8::try_from(bytes.len()).unwrap()];
         raw.extend_from_slice(bytes);
         raw.resize(16, 0);
         let mut data = [0u64; 16];

@@ -365,7 +365,7 @@ impl Vmm {
     /// Runs the VM until the guest ends it or kiln is signalled; every vCPU
     /// thread is stopped and joined before this returns.
     pub fn run(mut self) -> Result<RunOutcome, Error> {
-        let _signals = signals::StopSignals::install(&mut self.event_manager, self.exit.clone())?;
+        signals::StopSignals::install(&mut self.event_manager, self.exit.clone())?;
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
         let mut start_error = None;
         for vcpu in self.vcpus.drain(..) {

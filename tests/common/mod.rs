@@ -36,8 +36,8 @@ pub fn scratch(name: &str) -> PathBuf {
 /// Packs `code` (assembled for `LOAD_ADDR`) as an ELF64 executable with one
 /// PT_LOAD segment, entered at `LOAD_ADDR` through the 64-bit boot protocol.
 pub fn elf_image(code: &[u8]) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
+    const EHDR: u16 = 64;
+    const PHDR: u16 = 56;
     const CODE_OFFSET: usize = 0x1000;
     let mut f = vec![0u8; CODE_OFFSET];
     f[0..4].copy_from_slice(b"\x7fELF");
@@ -54,12 +54,12 @@ pub fn elf_image(code: &[u8]) -> Vec<u8> {
     put16(&mut f, 18, 0x3e); // EM_X86_64
     put32(&mut f, 20, 1);
     put64(&mut f, 24, LOAD_ADDR); // e_entry
-    put64(&mut f, 32, EHDR as u64); // e_phoff
-    put16(&mut f, 52, EHDR as u16); // e_ehsize
-    put16(&mut f, 54, PHDR as u16); // e_phentsize
+    put64(&mut f, 32, u64::from(EHDR)); // e_phoff
+    put16(&mut f, 52, EHDR); // e_ehsize
+    put16(&mut f, 54, PHDR); // e_phentsize
     put16(&mut f, 56, 1); // e_phnum
     put16(&mut f, 58, 64); // e_shentsize
-    let p = EHDR;
+    let p = usize::from(EHDR);
     put32(&mut f, p, 1); // PT_LOAD
     put32(&mut f, p + 4, 7); // RWX
     put64(&mut f, p + 8, CODE_OFFSET as u64);
@@ -176,7 +176,11 @@ pub fn kiln_cmd(cmd: &str) -> String {
     const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::from("kiln.cmd=");
     for chunk in cmd.as_bytes().chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

@@ -99,7 +99,7 @@ pub fn write_zero_page(
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.loadflags |= LOADED_HIGH | CAN_USE_HEAP;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmd_line_ptr = CMDLINE_START_32;
     params.hdr.cmdline_size = u32::try_from(info.cmdline_size).unwrap_or(u32::MAX);
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
@@ -120,8 +120,8 @@ pub fn write_zero_page(
             r#type: e.kind,
         };
     }
-    // Checked above: at most 128 entries.
-    params.e820_entries = map.len() as u8;
+    params.e820_entries =
+        u8::try_from(map.len()).map_err(|_| Error::TooManyE820Entries(map.len()))?;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(Error::Write)
 }
@@ -173,7 +173,7 @@ mod tests {
     fn mem(size: u64) -> GuestMemoryMmap {
         let ranges: Vec<_> = ram_ranges(size)
             .into_iter()
-            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .map(|(a, l)| (GuestAddress(a), usize::try_from(l).unwrap()))
             .collect();
         GuestMemoryMmap::from_ranges(&ranges).unwrap()
     }
@@ -250,7 +250,7 @@ mod tests {
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
-        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START_32);
         assert_eq!({ p.hdr.cmdline_size }, 10);
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 0x1234);

@@ -51,7 +51,8 @@ fn id_bits(n: u32) -> u32 {
 }
 
 fn set_bits(reg: u32, lo: u32, width: u32, value: u32) -> u32 {
-    let mask = ((1u64 << width) - 1) as u32;
+    // width is 1..=32.
+    let mask = u32::MAX >> (32 - width);
     (reg & !(mask << lo)) | ((value & mask) << lo)
 }
 

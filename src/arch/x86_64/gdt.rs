@@ -40,8 +40,8 @@ fn base(entry: u64) -> u64 {
 
 fn limit(entry: u64) -> u32 {
     let raw = ((entry & 0x000f_0000_0000_0000) >> 32) | (entry & 0xffff);
-    // Fits: 20 bits.
-    let raw = raw as u32;
+    // 20 bits: always fits.
+    let raw = u32::try_from(raw).unwrap_or(u32::MAX);
     if entry & (1 << 55) != 0 {
         (raw << 12) | 0xfff
     } else {

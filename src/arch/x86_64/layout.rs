@@ -31,8 +31,9 @@ pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 pub const PML4_START: u64 = 0x9000;
 pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;
-/// Kernel command line.
-pub const CMDLINE_START: u64 = 0x20000;
+/// Kernel command line (below 4 GiB: the zero page holds a 32-bit pointer).
+pub const CMDLINE_START_32: u32 = 0x20000;
+pub const CMDLINE_START: u64 = CMDLINE_START_32 as u64;
 /// Linux's x86 COMMAND_LINE_SIZE, terminating NUL included.
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area: the MP table goes here, and RAM
@@ -46,9 +47,9 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// virtio-mmio devices are placed from here, one 4 KiB page each.
 pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
-/// The in-kernel IOAPIC and the local APICs.
-pub const IOAPIC_START: u64 = 0xfec0_0000;
-pub const APIC_START: u64 = 0xfee0_0000;
+/// The in-kernel IOAPIC and the local APICs (32-bit addresses in the MP table).
+pub const IOAPIC_START: u32 = 0xfec0_0000;
+pub const APIC_START: u32 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map, below
 /// 4 GiB and outside RAM: the top of the MMIO gap, clear of the APICs.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
@@ -79,6 +80,19 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+// The fixed areas do not overlap (checked at compile time).
+const _: () = {
+    assert!(BOOT_IDT_START < PVH_INFO_START);
+    assert!(PVH_MEMMAP_START + 32 * 24 <= ZERO_PAGE_START);
+    assert!(ZERO_PAGE_START + 4096 <= BOOT_STACK_POINTER);
+    assert!(PDE_START + 4096 <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(KVM_IDENTITY_MAP_ADDRESS + 4096 == KVM_TSS_ADDRESS);
+    assert!(KVM_TSS_ADDRESS + 3 * 4096 < MMIO_GAP_END);
+    assert!(APIC_START as u64 + 4096 <= KVM_IDENTITY_MAP_ADDRESS);
+    assert!(MMIO_GAP_START <= IOAPIC_START as u64);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,17 +109,5 @@ mod tests {
         assert_eq!(r, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         let total: u64 = r.iter().map(|(_, len)| len).sum();
         assert_eq!(total, 4 << 30);
-    }
-
-    #[test]
-    fn fixed_areas_do_not_overlap() {
-        assert!(BOOT_IDT_START < PVH_INFO_START);
-        assert!(PVH_MEMMAP_START + 32 * 24 <= ZERO_PAGE_START);
-        assert!(ZERO_PAGE_START + 4096 <= BOOT_STACK_POINTER);
-        assert!(PDE_START + 4096 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(KVM_IDENTITY_MAP_ADDRESS + 4096 == KVM_TSS_ADDRESS);
-        assert!(KVM_TSS_ADDRESS + 3 * 4096 < MMIO_GAP_END);
-        assert!(APIC_START + 4096 <= KVM_IDENTITY_MAP_ADDRESS);
     }
 }

@@ -6,6 +6,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{APIC_START, EBDA_START, IOAPIC_START, IRQ_MAX};
 
+/// ISA IRQs routed to the IOAPIC: one per pin.
+const IOAPIC_PINS: u8 = 24;
+const _: () = assert!(IOAPIC_PINS as u32 == IRQ_MAX + 1);
+
 /// Entry types (MP spec, table 4-3).
 const MP_PROCESSOR: u8 = 0;
 const MP_BUS: u8 = 1;
@@ -34,6 +38,8 @@ const MPTABLE_ROOM: usize = 0x400;
 pub enum Error {
     #[error("an MP table for {0} vCPUs does not fit in the {MPTABLE_ROOM} bytes below 640 KiB")]
     TooLarge(u8),
+    #[error("the MP table at {0:#x} is not below 4 GiB")]
+    Address(u64),
     #[error("cannot write the MP table into guest memory")]
     Write(#[source] vm_memory::GuestMemoryError),
 }
@@ -59,17 +65,15 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, Error> {
     entries.extend_from_slice(&[MP_BUS, ISA_BUS_ID]);
     entries.extend_from_slice(b"ISA   ");
     entries.extend_from_slice(&[MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
-    // Fits in u32: the IOAPIC is below 4 GiB.
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
-    for irq in 0..=IRQ_MAX {
+    entries.extend_from_slice(&IOAPIC_START.to_le_bytes());
+    for irq in 0..IOAPIC_PINS {
         // Conforming polarity and trigger mode for ISA (flags 0).
-        let irq = irq as u8;
         entries.extend_from_slice(&[MP_INTSRC, MP_INT, 0, 0, ISA_BUS_ID, irq, ioapic_id, irq]);
     }
     // LINT0 of the BSP is ExtINT, LINT1 of every CPU is NMI.
     entries.extend_from_slice(&[MP_LINTSRC, MP_EXTINT, 0, 0, ISA_BUS_ID, 0, 0, 0]);
     entries.extend_from_slice(&[MP_LINTSRC, MP_NMI, 0, 0, ISA_BUS_ID, 0, 0xff, 1]);
-    let entry_count = u16::from(num_cpus) + 2 + 1 + IRQ_MAX as u16 + 1 + 1;
+    let entry_count = u16::from(num_cpus) + 1 + 1 + u16::from(IOAPIC_PINS) + 2;
 
     let header_len = 44;
     let table_len = header_len + entries.len();
@@ -77,11 +81,15 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, Error> {
     if total > MPTABLE_ROOM {
         return Err(Error::TooLarge(num_cpus));
     }
-    let table_addr = base + 16;
+    let table_len = u16::try_from(table_len).map_err(|_| Error::TooLarge(num_cpus))?;
+    let table_addr = base
+        .checked_add(16)
+        .and_then(|a| u32::try_from(a).ok())
+        .ok_or(Error::Address(base))?;
 
-    let mut header = Vec::with_capacity(table_len);
+    let mut header = Vec::with_capacity(total);
     header.extend_from_slice(b"PCMP");
-    header.extend_from_slice(&(table_len as u16).to_le_bytes());
+    header.extend_from_slice(&table_len.to_le_bytes());
     header.push(MPC_SPEC);
     header.push(0); // checksum, below
     header.extend_from_slice(b"KILN    ");
@@ -89,14 +97,14 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, Error> {
     header.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     header.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     header.extend_from_slice(&entry_count.to_le_bytes());
-    header.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    header.extend_from_slice(&APIC_START.to_le_bytes());
     header.extend_from_slice(&0u32.to_le_bytes()); // reserved
     header.extend_from_slice(&entries);
     header[7] = checksum(&header);
 
     let mut fp = Vec::with_capacity(16);
     fp.extend_from_slice(b"_MP_");
-    fp.extend_from_slice(&(table_addr as u32).to_le_bytes());
+    fp.extend_from_slice(&table_addr.to_le_bytes());
     fp.push(1); // length in 16-byte units
     fp.push(MPC_SPEC);
     fp.push(0); // checksum, below

@@ -8,6 +8,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::gdt::{long_mode_gdt, protected_mode_gdt, segment_from_gdt};
 use super::layout::*;
 
+/// Four 8-byte GDT entries.
+const GDT_LIMIT: u16 = 4 * 8 - 1;
+
 // Control register bits (Intel SDM vol. 3, 2.5).
 const X86_CR0_PE: u64 = 1 << 0;
 const X86_CR0_ET: u64 = 1 << 4;
@@ -111,7 +114,7 @@ pub fn setup_sregs(vcpu: &VcpuFd, mode: EntryMode) -> Result<(), Error> {
     let data = segment_from_gdt(gdt[2], 2);
     let tss = segment_from_gdt(gdt[3], 3);
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     sregs.cs = code;
