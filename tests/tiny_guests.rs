@@ -201,3 +201,45 @@ fn an_instruction_kvm_cannot_emulate_ends_the_vm_naming_it() {
         assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
     }
 }
+
+#[test]
+fn sigterm_stops_a_spinning_guest_and_joins_its_vcpus() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    require_kvm();
+    let dir = scratch("sigterm");
+    let code = assemble(|a| {
+        let mut spin = a.create_label();
+        putc(a, b'R');
+        a.set_label(&mut spin).unwrap();
+        a.jmp(spin).unwrap();
+    });
+    let config = write_vm(&dir, &elf_image(&code), 2, "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--config-file")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"R");
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let start = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(start.elapsed() < TIMEOUT);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("SIGTERM"),
+        "{}",
+        text(&out.stderr)
+    );
+}

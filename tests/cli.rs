@@ -1,0 +1,89 @@
+//! The `kiln` binary's command line and its errors (no KVM needed until a
+//! config is valid).
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn kiln(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("cannot run kiln")
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = kiln(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for flag in ["--config-file", "--log-level", "--version", "--help"] {
+        assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
+    }
+    assert!(help.contains("Firecracker"), "{help}");
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = kiln(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("kiln {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let out = kiln(&["--config-file", "/nonexistent/vm.json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("kiln: error:") && err.contains("/nonexistent/vm.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_config_names_the_field() {
+    let dir = scratch("cli-bad");
+    let path = dir.join("vm.json");
+    std::fs::write(
+        &path,
+        r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 0, "mem_size_mib": 128}}"#,
+    )
+    .unwrap();
+    let out = kiln(&["--config-file", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("vcpu_count") && err.contains('0'), "{err}");
+
+    std::fs::write(
+        &path,
+        r#"{"boot-source": {"kernel_image_path": "/k", "kernel": 1}}"#,
+    )
+    .unwrap();
+    let out = kiln(&["--config-file", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("unknown field `kernel`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn kernel_that_is_not_a_kernel_is_named() {
+    require_kvm();
+    let dir = scratch("cli-garbage-kernel");
+    let path = write_vm(&dir, b"this is not a kernel image at all", 1, "");
+    let out = kiln(&["--config-file", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("kernel.elf") && err.contains("bzImage"),
+        "{err}"
+    );
+}
