@@ -85,6 +85,38 @@ def smaps_sample(pid, mem_kib):
     return total, (-best[1] if best else 0)
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid):
+    """{thread name: CPU seconds (user + system)} of pid's threads, or None."""
+    out = {}
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                st = f.read()
+        except OSError:
+            continue
+        name = st[st.index("(") + 1:st.rindex(")")]
+        fields = st[st.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+def cpu_between(res, ta, tb):
+    """Per-thread CPU seconds used between host times ta and tb (samples nearest)."""
+    samples = res["cpu_samples"]
+    if not samples:
+        return {}
+    a = min(samples, key=lambda s: abs(s[0] - ta))[1]
+    b = min(samples, key=lambda s: abs(s[0] - tb))[1]
+    return {k: b[k] - a.get(k, 0.0) for k in b}
+
+
 def run_vm(argv, mem_mib, timeout, post_marker_timeout=60.0, cwd=None, echo=False,
            stop_on=(rb"^Code=",), need_exit=True):
     """Run one VM to completion (or timeout). Returns a dict:
@@ -128,7 +160,11 @@ def run_vm(argv, mem_mib, timeout, post_marker_timeout=60.0, cwd=None, echo=Fals
     peak_total = 0
     guest_at_peak = 0
     failure = None
+    cpu_samples = []  # (t, {thread: cpu s})
     while True:
+        c = thread_cpu(proc.pid)
+        if c:
+            cpu_samples.append((time.monotonic() - t0, c))
         s = smaps_sample(proc.pid, mem_kib)
         if s is not None:
             total, guest = s
@@ -174,7 +210,7 @@ def run_vm(argv, mem_mib, timeout, post_marker_timeout=60.0, cwd=None, echo=Fals
         "t_marker": state["marker"], "t_exit_line": state["exit_line"],
         "exit_status": state["exit_status"], "rc": rc,
         "peak_overhead_kib": peak_over, "peak_total_kib": peak_total,
-        "guest_kib": guest_at_peak, "lines": lines,
+        "guest_kib": guest_at_peak, "lines": lines, "cpu_samples": cpu_samples,
         "stderr": b"".join(stderr_chunks).decode(errors="replace"), "failure": failure,
     }
 
