@@ -40,8 +40,6 @@ const _: () = assert!(SEG_MAX as u64 * SIZE_MAX as u64 <= MAX_REQUEST_BYTES);
 /// §5.2.4: capacity (le64) @0, size_max (le32) @8, seg_max (le32) @12,
 /// geometry @16, blk_size @20, topology @24, writeback @32, num_queues @34.
 const CONFIG_SPACE_SIZE: usize = 36;
-/// Bounce buffer between the file and guest memory.
-const BOUNCE_SIZE: usize = 128 << 10;
 
 /// What the host does with the guest's writes before a FLUSH.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,7 +88,6 @@ pub struct Block {
     avail_features: u64,
     config: [u8; CONFIG_SPACE_SIZE],
     active: Option<ActivateContext>,
-    bounce: Vec<u8>,
 }
 
 impl Block {
@@ -147,7 +144,6 @@ impl Block {
             avail_features,
             config,
             active: None,
-            bounce: vec![0; BOUNCE_SIZE],
         })
     }
 
@@ -158,15 +154,10 @@ impl Block {
 }
 
 /// Handles one chain: parse, execute, write the status.
-fn handle_chain(
-    chain: DescriptorChain<&GuestMem>,
-    mem: &GuestMem,
-    disk: &Disk,
-    buf: &mut [u8],
-) -> Outcome {
+fn handle_chain(chain: DescriptorChain<&GuestMem>, mem: &GuestMem, disk: &Disk) -> Outcome {
     let (status, written, status_addr) = match request::parse(chain, mem) {
         Ok(req) => {
-            let (status, written) = request::execute(&req, disk, mem, buf);
+            let (status, written) = request::execute(&req, disk, mem);
             (status, written, req.status_addr)
         }
         Err(request::Error::Bad {
@@ -243,9 +234,9 @@ impl VirtioDevice for Block {
         let Some(q) = active.queues.get_mut(index) else {
             return false;
         };
-        let (mem, disk, buf) = (&active.mem, &self.disk, &mut self.bounce);
+        let (mem, disk) = (&active.mem, &self.disk);
         drain(q, mem, &active.interrupt, |chain| {
-            handle_chain(chain, mem, disk, buf)
+            handle_chain(chain, mem, disk)
         })
     }
 }

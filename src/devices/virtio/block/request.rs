@@ -8,7 +8,7 @@
 //! guest memory.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom};
 
 use log::debug;
 use virtio_queue::desc::split::Descriptor;
@@ -238,13 +238,29 @@ impl Disk {
     }
 }
 
+/// Largest piece of one data buffer moved by a single file read or write:
+/// bounds the time the event-loop thread spends in one system call.
+pub const MAX_CHUNK: usize = 1 << 20;
+
 /// Executes `req`; returns the status and the number of bytes written into
-/// guest data buffers. `buf` is the bounce buffer (any non-zero size).
-pub fn execute(req: &Request, disk: &Disk, mem: &GuestMem, buf: &mut [u8]) -> (u8, u32) {
+/// guest data buffers. Data moves directly between the file and guest memory
+/// (vm-memory's checked volatile accessors), without a bounce buffer.
+pub fn execute(req: &Request, disk: &Disk, mem: &GuestMem) -> (u8, u32) {
+    execute_chunked(req, disk, mem, MAX_CHUNK)
+}
+
+/// [`execute`] with at most `chunk` bytes (non-zero) per file access.
+pub(super) fn execute_chunked(
+    req: &Request,
+    disk: &Disk,
+    mem: &GuestMem,
+    chunk: usize,
+) -> (u8, u32) {
+    let chunk = chunk.max(1);
     let res = match req.kind {
-        RequestType::In => read(req, disk, mem, buf).map(|()| req.data_len),
+        RequestType::In => read(req, disk, mem, chunk).map(|()| req.data_len),
         RequestType::Out if disk.read_only => Err("write to read-only disk"),
-        RequestType::Out => write(req, disk, mem, buf).map(|()| 0),
+        RequestType::Out => write(req, disk, mem, chunk).map(|()| 0),
         RequestType::Flush => disk.sync().map(|()| 0).map_err(|_| "flush failed"),
         RequestType::GetId => get_id(req, disk, mem),
         RequestType::Unsupported(_) => return (VIRTIO_BLK_S_UNSUPP, 0),
@@ -261,16 +277,12 @@ pub fn execute(req: &Request, disk: &Disk, mem: &GuestMem, buf: &mut [u8]) -> (u
     }
 }
 
-/// Walks the data buffers in `buf`-sized chunks: `f(file offset, guest
-/// address, chunk)`.
-fn for_each_chunk<F>(
-    req: &Request,
-    disk: &Disk,
-    buf: &mut [u8],
-    mut f: F,
-) -> Result<(), &'static str>
+/// Walks the data buffers in pieces of at most `chunk` bytes: `f(file
+/// offset, guest address, length)`. The whole request is checked against
+/// the disk size first.
+fn for_each_chunk<F>(req: &Request, disk: &Disk, chunk: usize, mut f: F) -> Result<(), &'static str>
 where
-    F: FnMut(u64, GuestAddress, &mut [u8]) -> Result<(), &'static str>,
+    F: FnMut(u64, GuestAddress, usize) -> Result<(), &'static str>,
 {
     let mut offset = disk
         .range(req.sector, req.data_len)
@@ -278,13 +290,13 @@ where
     for &(addr, len) in &req.data {
         let mut done: u32 = 0;
         while done < len {
-            let n = usize::try_from(len - done).map_or(buf.len(), |r| r.min(buf.len()));
+            let n = usize::try_from(len - done).map_or(chunk, |r| r.min(chunk));
             let n32 = u32::try_from(n).map_err(|_| "chunk too large")?;
             let gaddr = addr
                 .0
                 .checked_add(u64::from(done))
                 .ok_or("address overflow")?;
-            f(offset, GuestAddress(gaddr), &mut buf[..n])?;
+            f(offset, GuestAddress(gaddr), n)?;
             offset = offset
                 .checked_add(u64::from(n32))
                 .ok_or("offset overflow")?;
@@ -294,23 +306,28 @@ where
     Ok(())
 }
 
-fn read(req: &Request, disk: &Disk, mem: &GuestMem, buf: &mut [u8]) -> Result<(), &'static str> {
-    for_each_chunk(req, disk, buf, |off, addr, chunk| {
-        disk.file
-            .read_exact_at(chunk, off)
-            .map_err(|_| "read failed")?;
-        mem.write_slice(chunk, addr)
-            .map_err(|_| "guest buffer not writable")
+/// The file positioned at `off`. The file's cursor is only used here, by
+/// the device's one event-loop thread, right before each access.
+fn file_at(disk: &Disk, off: u64) -> Result<&File, &'static str> {
+    let mut f = &disk.file;
+    f.seek(SeekFrom::Start(off)).map_err(|_| "seek failed")?;
+    Ok(f)
+}
+
+fn read(req: &Request, disk: &Disk, mem: &GuestMem, chunk: usize) -> Result<(), &'static str> {
+    for_each_chunk(req, disk, chunk, |off, addr, n| {
+        let mut f = file_at(disk, off)?;
+        // Checked: the whole range must lie in guest memory, else an error.
+        mem.read_exact_volatile_from(addr, &mut f, n)
+            .map_err(|_| "read failed or guest buffer not writable")
     })
 }
 
-fn write(req: &Request, disk: &Disk, mem: &GuestMem, buf: &mut [u8]) -> Result<(), &'static str> {
-    for_each_chunk(req, disk, buf, |off, addr, chunk| {
-        mem.read_slice(chunk, addr)
-            .map_err(|_| "guest buffer not readable")?;
-        disk.file
-            .write_all_at(chunk, off)
-            .map_err(|_| "write failed")
+fn write(req: &Request, disk: &Disk, mem: &GuestMem, chunk: usize) -> Result<(), &'static str> {
+    for_each_chunk(req, disk, chunk, |off, addr, n| {
+        let mut f = file_at(disk, off)?;
+        mem.write_all_volatile_to(addr, &mut f, n)
+            .map_err(|_| "write failed or guest buffer not readable")
     })?;
     if !disk.flush_negotiated {
         disk.sync().map_err(|_| "sync failed")?;
