@@ -63,7 +63,7 @@ fn initramfs_config(vcpus: u8, cmd: &str) -> String {
     "initrd_path": "{}",
     "boot_args": "{BOOT_ARGS} {}"
   }},
-  "machine-config": {{ "vcpu_count": {vcpus}, "mem_size_mib": 256 }}
+  "machine-config": {{ "vcpu_count": {vcpus}, "mem_size_mib": 128 }}
 }}"#,
         guest_artifact("vmlinux").display(),
         guest_artifact("initramfs.cpio").display(),
@@ -78,7 +78,7 @@ fn rootfs_config(vcpus: u8, image: &Path, read_only: bool, cmd: &str) -> String 
     "kernel_image_path": "{}",
     "boot_args": "{BOOT_ARGS} {}"
   }},
-  "machine-config": {{ "vcpu_count": {vcpus}, "mem_size_mib": 256 }},
+  "machine-config": {{ "vcpu_count": {vcpus}, "mem_size_mib": 128 }},
   "drives": [{{
     "drive_id": "rootfs",
     "path_on_host": "{}",
