@@ -3,6 +3,8 @@
 //! On kvm_pvm (a nested, page-table-based KVM) guest kernel code is
 //! interpreted by KVM's instruction emulator, which rejects some
 //! instructions; a Linux guest avoids them with `noxsave` and `clearcpuid=`.
+//! Without XSAVE the guest kernel cannot keep AVX state per process while
+//! user code (native) still sees AVX, so glibc is told to stay off it.
 //! kiln detects the backend at start and adds those options; on hardware KVM
 //! the command line is left as the user wrote it.
 
@@ -18,6 +20,12 @@ pub const PVM_GUEST_OPTIONS: &[(&str, &str)] = &[
     (
         "clearcpuid=smap,smep,popcnt,cx16,rdpid,rdtscp,fsgsbase,movbe,bmi1,bmi2,abm,avx,avx2,avx512f,erms,fsrm,sha_ni,aes,pclmulqdq,rdrand,rdseed,adx,clwb,clflushopt",
         "clac/stac, popcnt, cmpxchg16b and others are not emulated",
+    ),
+    (
+        "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load",
+        "guest user code runs natively with the host's XCR0 while the noxsave kernel saves only \
+         FXSAVE state on task switches, so AVX registers leak between processes; the kernel \
+         passes this to init's environment and glibc stays off AVX",
     ),
 ];
 
@@ -57,15 +65,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn adds_both_options_to_a_plain_cmdline() {
+    fn adds_every_option_to_a_plain_cmdline() {
         let a = additions_for("console=ttyS0 reboot=k").unwrap();
         assert!(a.starts_with("noxsave clearcpuid=smap,"), "{a}");
+        assert!(a.contains(" GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,"), "{a}");
     }
 
     #[test]
     fn user_options_win() {
-        let a = additions_for("console=ttyS0 clearcpuid=popcnt").unwrap();
+        let a = additions_for("console=ttyS0 clearcpuid=popcnt GLIBC_TUNABLES=x").unwrap();
         assert_eq!(a, "noxsave");
-        assert_eq!(additions_for("noxsave clearcpuid=cx16"), None);
+        assert_eq!(
+            additions_for("noxsave clearcpuid=cx16 GLIBC_TUNABLES=x"),
+            None
+        );
     }
 }
