@@ -44,6 +44,12 @@ pub fn cmdline_additions(cmdline: &str) -> Option<String> {
 
 /// The options of [`PVM_GUEST_OPTIONS`] whose key the user did not set:
 /// the user's own `noxsave` or `clearcpuid=` always wins.
+///
+/// ```
+/// let extra = kiln::quirks::additions_for("console=ttyS0 clearcpuid=popcnt").unwrap();
+/// assert!(extra.starts_with("noxsave GLIBC_TUNABLES="));
+/// assert!(!extra.contains("clearcpuid"));
+/// ```
 pub fn additions_for(cmdline: &str) -> Option<String> {
     let keys: Vec<&str> = cmdline
         .split_whitespace()

@@ -224,6 +224,16 @@ impl VmConfig {
 
     /// Parses and validates JSON text (no file reads except the
     /// existence/readability checks in validate).
+    ///
+    /// ```
+    /// use kiln::config::VmConfig;
+    /// let err = VmConfig::from_json(
+    ///     r#"{"boot-source": {"kernel_image_path": "/dev/null"},
+    ///         "machine-config": {"vcpu_count": 33, "mem_size_mib": 128}}"#,
+    /// )
+    /// .unwrap_err();
+    /// assert!(err.to_string().contains("vcpu_count"), "{err}");
+    /// ```
     pub fn from_json(text: &str) -> Result<VmConfig, Error> {
         let config: VmConfig = serde_json::from_str(text).map_err(Error::Parse)?;
         config.validate()?;
