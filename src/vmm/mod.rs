@@ -209,7 +209,7 @@ impl Vmm {
         let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
         event_manager.add_subscriber(Arc::new(Mutex::new(signals::ExitWatcher::new(
             exit.clone(),
-        )?)));
+        ))));
 
         let mut io_bus = Bus::new();
         let mut mmio_bus = Bus::new();

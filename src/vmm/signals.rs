@@ -14,8 +14,8 @@ use super::{Error, Subscriber};
 pub struct ExitWatcher(Arc<ExitSignal>);
 
 impl ExitWatcher {
-    pub fn new(exit: Arc<ExitSignal>) -> Result<Self, Error> {
-        Ok(ExitWatcher(exit))
+    pub fn new(exit: Arc<ExitSignal>) -> Self {
+        ExitWatcher(exit)
     }
 }
 
