@@ -122,6 +122,13 @@ fn initramfs_boot_2_vcpus() {
     initramfs_boot_runs_a_command(2);
 }
 
+/// Removes the scratch directory holding `image`.
+fn remove_scratch(image: &Path) {
+    if let Some(dir) = image.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// A private copy of the ext4 image: tests write into it.
 fn rootfs_copy(name: &str) -> std::path::PathBuf {
     let dir = scratch(name);
@@ -162,6 +169,8 @@ fn ext4_root_disk_read_write_and_hwrng() {
         "debugfs: {}",
         text(&cat.stderr)
     );
+    // Kept for inspection when the test fails; 64 MiB each otherwise.
+    remove_scratch(&image);
 }
 
 #[test]
@@ -190,4 +199,5 @@ fn ext4_root_disk_read_only_refuses_writes() {
         std::fs::read(&image).unwrap() == before,
         "the read-only image changed"
     );
+    remove_scratch(&image);
 }
