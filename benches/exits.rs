@@ -17,7 +17,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
-use kiln::arch::x86_64::cpuid::{self, Topology};
+use kiln::arch::x86_64::cpuid::Topology;
 use kiln::arch::x86_64::regs::{self, EntryMode};
 use kiln::config::VmConfig;
 use kiln::vmm::{ConsoleIo, Vmm};
@@ -76,15 +76,15 @@ fn run_raw(exits: u32) -> Duration {
     mem.write_slice(&guest(exits), GuestAddress(common::LOAD_ADDR))
         .unwrap();
     regs::write_boot_tables(&mem, EntryMode::Linux64).unwrap();
-    let mut vcpu = vm.fd.create_vcpu(0).unwrap();
-    let mut cpuid = vm.supported_cpuid.clone();
-    cpuid::normalize(&mut cpuid, 0, Topology::new(1, false));
-    vcpu.set_cpuid2(&cpuid).unwrap();
-    regs::setup_msrs(&vcpu).unwrap();
-    regs::setup_regs(&vcpu, EntryMode::Linux64, common::LOAD_ADDR).unwrap();
-    regs::setup_sregs(&vcpu, EntryMode::Linux64).unwrap();
-    regs::setup_fpu(&vcpu).unwrap();
-    regs::setup_lint(&vcpu).unwrap();
+    let mut vcpu = kiln::vcpu::create_fd(
+        &vm.fd,
+        &vm.supported_cpuid,
+        Topology::new(1, false),
+        EntryMode::Linux64,
+        common::LOAD_ADDR,
+        0,
+    )
+    .unwrap();
     let mut seen = 0u32;
     loop {
         match vcpu.run().unwrap() {

@@ -100,6 +100,31 @@ pub struct Vcpu {
     stop: Arc<AtomicBool>,
 }
 
+/// Creates the KVM vCPU `id` with its CPUID, MSRs, registers, FPU and LAPIC
+/// set for entering the kernel at `entry`.
+pub fn create_fd(
+    vm: &VmFd,
+    supported_cpuid: &CpuId,
+    topology: Topology,
+    mode: EntryMode,
+    entry: u64,
+    id: u8,
+) -> Result<VcpuFd, Error> {
+    let fd = vm
+        .create_vcpu(u64::from(id))
+        .map_err(|e| Error::Create(id, e))?;
+    let mut cpuid = supported_cpuid.clone();
+    cpuid::normalize(&mut cpuid, id, topology);
+    fd.set_cpuid2(&cpuid).map_err(|e| Error::SetCpuid(id, e))?;
+    let r = |e| Error::Regs(id, e);
+    regs::setup_msrs(&fd).map_err(r)?;
+    regs::setup_regs(&fd, mode, entry).map_err(r)?;
+    regs::setup_sregs(&fd, mode).map_err(r)?;
+    regs::setup_fpu(&fd).map_err(r)?;
+    regs::setup_lint(&fd).map_err(r)?;
+    Ok(fd)
+}
+
 /// What the loop does after an exit.
 enum Next {
     Continue,
@@ -111,18 +136,7 @@ impl Vcpu {
     /// Creates vCPU `id` with its CPUID, MSRs, registers, FPU and LAPIC set
     /// for the kernel entry.
     pub fn new(id: u8, s: &VcpuSetup) -> Result<Self, Error> {
-        let fd =
-            s.vm.create_vcpu(u64::from(id))
-                .map_err(|e| Error::Create(id, e))?;
-        let mut cpuid = s.supported_cpuid.clone();
-        cpuid::normalize(&mut cpuid, id, s.topology);
-        fd.set_cpuid2(&cpuid).map_err(|e| Error::SetCpuid(id, e))?;
-        let r = |e| Error::Regs(id, e);
-        regs::setup_msrs(&fd).map_err(r)?;
-        regs::setup_regs(&fd, s.mode, s.entry).map_err(r)?;
-        regs::setup_sregs(&fd, s.mode).map_err(r)?;
-        regs::setup_fpu(&fd).map_err(r)?;
-        regs::setup_lint(&fd).map_err(r)?;
+        let fd = create_fd(s.vm, s.supported_cpuid, s.topology, s.mode, s.entry, id)?;
         Ok(Vcpu {
             id,
             fd,
