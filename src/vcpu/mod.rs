@@ -354,8 +354,4 @@ impl VcpuHandle {
     pub fn join(self) -> bool {
         self.thread.join().is_ok()
     }
-
-    pub fn id(&self) -> u8 {
-        self.id
-    }
 }

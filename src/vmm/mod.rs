@@ -183,7 +183,6 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     event_manager: EventManager<Subscriber>,
     exit: Arc<ExitSignal>,
-    cmdline: String,
 }
 
 /// How a run ended, with what the caller may want to check.
@@ -307,7 +306,6 @@ impl Vmm {
             vcpus,
             event_manager,
             exit,
-            cmdline,
         })
     }
 
@@ -349,11 +347,6 @@ impl Vmm {
                 source,
             })?;
         Ok(())
-    }
-
-    /// The kernel command line the guest gets.
-    pub fn cmdline(&self) -> &str {
-        &self.cmdline
     }
 
     /// A handle to end the run from another thread: report a reason on it
