@@ -39,7 +39,7 @@ pub fn create(mem_size_mib: usize) -> Result<GuestMemoryMmap, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::{GuestMemory, GuestMemoryRegion};
 
     #[test]
     fn large_guest_gets_two_regions() {

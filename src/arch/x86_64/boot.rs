@@ -117,7 +117,7 @@ pub fn write_zero_page(
         *slot = boot_e820_entry {
             addr: e.addr,
             size: e.size,
-            r#type: e.kind,
+            type_: e.kind,
         };
     }
     params.e820_entries =
@@ -168,7 +168,7 @@ pub fn write_pvh_start_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryBackend;
+    use vm_memory::GuestMemory;
 
     fn mem(size: u64) -> GuestMemoryMmap {
         let ranges: Vec<_> = ram_ranges(size)

@@ -7,7 +7,7 @@
 //! often as it likes).
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemory as _, Permissions};
+use vm_memory::{GuestAddress, GuestMemory as _};
 
 use super::{GuestMem, Interrupt};
 
@@ -118,31 +118,22 @@ impl QueueConfig {
 
         let n = u64::from(size);
         let areas = [
-            (
-                "descriptor table",
-                self.desc_table,
-                DESC_ENTRY_SIZE * n,
-                Permissions::Read,
-            ),
+            ("descriptor table", self.desc_table, DESC_ENTRY_SIZE * n),
             (
                 "available ring",
                 self.avail_ring,
                 AVAIL_META_SIZE + AVAIL_ENTRY_SIZE * n,
-                Permissions::Read,
             ),
             (
                 "used ring",
                 self.used_ring,
                 USED_META_SIZE + USED_ENTRY_SIZE * n,
-                Permissions::Write,
             ),
         ];
-        for (name, addr, len, access) in areas {
+        for (name, addr, len) in areas {
             // `len` is at most 16 * 32768: it fits any usize.
             let len = usize::try_from(len).map_err(|_| Error::OutsideMemory(name))?;
-            if addr.checked_add(len as u64).is_none()
-                || !mem.check_range(GuestAddress(addr), len, access)
-            {
+            if addr.checked_add(len as u64).is_none() || !mem.check_range(GuestAddress(addr), len) {
                 return Err(Error::OutsideMemory(name));
             }
         }

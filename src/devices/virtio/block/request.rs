@@ -12,7 +12,7 @@ use std::io::{Seek, SeekFrom};
 
 use log::debug;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
 use super::CacheMode;
 use crate::devices::virtio::GuestMem;
@@ -92,11 +92,11 @@ pub enum Error {
     },
 }
 
-fn in_memory(mem: &GuestMem, addr: GuestAddress, len: u32, access: Permissions) -> bool {
+fn in_memory(mem: &GuestMem, addr: GuestAddress, len: u32) -> bool {
     let Ok(n) = usize::try_from(len) else {
         return false;
     };
-    addr.0.checked_add(u64::from(len)).is_some() && mem.check_range(addr, n, access)
+    addr.0.checked_add(u64::from(len)).is_some() && mem.check_range(addr, n)
 }
 
 /// Turns the descriptors of one chain into a request.
@@ -146,7 +146,7 @@ pub fn parse<I: IntoIterator<Item = Descriptor>>(
         .0
         .checked_add(u64::from(status.len() - 1))
         .map(GuestAddress)
-        .filter(|&a| mem.check_range(a, 1, Permissions::Write))
+        .filter(|&a| mem.check_range(a, 1))
         .ok_or(Error::NoStatus("status byte outside guest memory"))?;
     let bad = |reason| Error::Bad {
         status_addr,
@@ -180,11 +180,6 @@ pub fn parse<I: IntoIterator<Item = Descriptor>>(
     }
     let mut data_len: u64 = 0;
     let mut data = Vec::with_capacity(middle.len());
-    let access = if device_writes {
-        Permissions::Write
-    } else {
-        Permissions::Read
-    };
     for d in middle {
         if d.is_write_only() != device_writes {
             return Err(bad("data descriptor of the wrong direction"));
@@ -193,7 +188,7 @@ pub fn parse<I: IntoIterator<Item = Descriptor>>(
             .checked_add(u64::from(d.len()))
             .filter(|&l| l <= MAX_REQUEST_BYTES)
             .ok_or(bad("request too large"))?;
-        if !in_memory(mem, d.addr(), d.len(), access) {
+        if !in_memory(mem, d.addr(), d.len()) {
             return Err(bad("data buffer outside guest memory"));
         }
         data.push((d.addr(), d.len()));
