@@ -26,7 +26,11 @@ use crate::config::{BlockDeviceConfig, CacheType, VmConfig};
 use crate::devices::bus::{self, Bus};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{Output, SerialDevice, SerialInput};
-use crate::devices::virtio::{self, BlockOptions, CacheMode, VirtioMmioDevice};
+use crate::devices::virtio::block::{self, Block};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{
+    self, BlockOptions, CacheMode, MmioTransport, VirtioDevice, VirtioMmioDevice,
+};
 use crate::vcpu::{self, Vcpu, VcpuHandle, VcpuSetup};
 use crate::{loader, memory, quirks, vm};
 use exit::{ExitReason, ExitSignal};
@@ -79,6 +83,12 @@ pub enum Error {
         #[source]
         source: virtio::Error,
     },
+    #[error("cannot create drive {drive_id:?}")]
+    Block {
+        drive_id: String,
+        #[source]
+        source: block::Error,
+    },
     #[error("too many virtio devices: kiln has IRQs for {max}")]
     TooManyDevices { max: u32 },
     #[error("cannot register the queue notification of {name} at {addr:#x}")]
@@ -108,31 +118,58 @@ fn block_options(d: &BlockDeviceConfig) -> BlockOptions {
     }
 }
 
+/// One device the VMM attached, as snapshot/restore and `kiln run` find it.
+#[derive(Clone)]
+pub struct AttachedDevice {
+    /// The config's name for it: `drive rootfs`, `entropy`, `vsock`.
+    pub id: String,
+    /// The virtio device ID (§5).
+    pub device_type: u32,
+    /// Guest physical address of its 4 KiB virtio-mmio window.
+    pub mmio_base: u64,
+    /// Its GSI.
+    pub irq: u32,
+    /// The transport, with the device behind it.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// The one place virtio-mmio devices are wired: an MMIO page and an IRQ
-/// each, the irqfd, one ioeventfd per queue, the event-loop subscriber and
-/// the `virtio_mmio.device=` announcement on the command line.
+/// each, the irqfd, one ioeventfd per queue, the event-loop subscriber, the
+/// `virtio_mmio.device=` announcement on the command line, and the entry in
+/// the device registry.
 struct VirtioAttacher<'a> {
     vm: &'a vm::Vm,
+    mem: &'a GuestMemoryMmap,
     mmio_bus: &'a mut Bus,
     event_manager: &'a mut EventManager<Subscriber>,
     cmdline: &'a mut String,
-    count: u32,
+    devices: Vec<AttachedDevice>,
 }
 
 impl VirtioAttacher<'_> {
-    /// The drive letter the next block device gets (vda, vdb, ...).
-    fn block_letter(&self) -> char {
-        char::from(b'a' + u8::try_from(self.count % 26).unwrap_or(0))
+    fn count(&self) -> u32 {
+        u32::try_from(self.devices.len()).unwrap_or(u32::MAX)
     }
 
-    fn attach(&mut self, name: &str, dev: VirtioMmioDevice) -> Result<(), Error> {
-        let irq = VIRTIO_IRQ_START + self.count;
+    /// The drive letter the next block device gets (vda, vdb, ...).
+    fn block_letter(&self) -> char {
+        char::from(b'a' + u8::try_from(self.count() % 26).unwrap_or(0))
+    }
+
+    fn attach<D: VirtioDevice + 'static>(&mut self, id: &str, device: D) -> Result<(), Error> {
+        let dev =
+            VirtioMmioDevice::new(device, self.mem.clone()).map_err(|source| Error::Virtio {
+                name: id.to_string(),
+                source,
+            })?;
+        let count = self.count();
+        let irq = VIRTIO_IRQ_START.saturating_add(count);
         if irq > IRQ_MAX {
             return Err(Error::TooManyDevices {
                 max: IRQ_MAX - VIRTIO_IRQ_START + 1,
             });
         }
-        let base = VIRTIO_MMIO_START + u64::from(self.count) * VIRTIO_MMIO_SIZE;
+        let base = VIRTIO_MMIO_START + u64::from(count) * VIRTIO_MMIO_SIZE;
         self.mmio_bus
             .insert(dev.transport.clone(), base, VIRTIO_MMIO_SIZE)
             .map_err(|source| Error::Bus {
@@ -143,7 +180,7 @@ impl VirtioAttacher<'_> {
             .fd
             .register_irqfd(&dev.irq_evt, irq)
             .map_err(|source| Error::Irqfd {
-                name: name.to_string(),
+                name: id.to_string(),
                 irq,
                 source,
             })?;
@@ -154,7 +191,7 @@ impl VirtioAttacher<'_> {
                 .fd
                 .register_ioevent(evt, &IoEventAddress::Mmio(notify), index)
                 .map_err(|source| Error::Ioeventfd {
-                    name: name.to_string(),
+                    name: id.to_string(),
                     addr: notify,
                     source,
                 })?;
@@ -162,8 +199,14 @@ impl VirtioAttacher<'_> {
         self.event_manager.add_subscriber(dev.subscriber);
         self.cmdline.push(' ');
         self.cmdline.push_str(&virtio::cmdline_param(base, irq));
-        log::debug!("{name}: virtio-mmio at {base:#x}, IRQ {irq}");
-        self.count += 1;
+        log::debug!("{id}: virtio-mmio at {base:#x}, IRQ {irq}");
+        self.devices.push(AttachedDevice {
+            id: id.to_string(),
+            device_type: dev.device_type,
+            mmio_base: base,
+            irq,
+            transport: dev.transport,
+        });
         Ok(())
     }
 }
@@ -183,6 +226,7 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     event_manager: EventManager<Subscriber>,
     exit: Arc<ExitSignal>,
+    devices: Vec<AttachedDevice>,
 }
 
 /// How a run ended, with what the caller may want to check.
@@ -221,21 +265,20 @@ impl Vmm {
             .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string());
         let mut virtio = VirtioAttacher {
             vm: &vm,
+            mem: &mem,
             mmio_bus: &mut mmio_bus,
             event_manager: &mut event_manager,
             cmdline: &mut cmdline,
-            count: 0,
+            devices: Vec::new(),
         };
         // The root drive goes first, so the guest names it /dev/vda.
         let mut drives: Vec<&BlockDeviceConfig> = config.drives.iter().collect();
         drives.sort_by_key(|d| !d.is_root_device);
         for drive in drives {
             let letter = virtio.block_letter();
-            let dev = virtio::new_block(block_options(drive), mem.clone()).map_err(|source| {
-                Error::Virtio {
-                    name: format!("drive {}", drive.drive_id),
-                    source,
-                }
+            let dev = Block::new(block_options(drive)).map_err(|source| Error::Block {
+                drive_id: drive.drive_id.clone(),
+                source,
             })?;
             virtio.attach(&format!("drive {}", drive.drive_id), dev)?;
             if drive.is_root_device {
@@ -248,12 +291,9 @@ impl Vmm {
             }
         }
         if config.entropy.is_some() {
-            let dev = virtio::new_rng(mem.clone()).map_err(|source| Error::Virtio {
-                name: "entropy".into(),
-                source,
-            })?;
-            virtio.attach("entropy", dev)?;
+            virtio.attach("entropy", Rng::new())?;
         }
+        let devices = virtio.devices;
         if let Some(extra) = quirks::cmdline_additions(&cmdline) {
             log::info!("this host's KVM interprets guest kernel code ({}); adding to the kernel command line: {extra}", quirks::BACKEND_NAME);
             cmdline.push(' ');
@@ -306,7 +346,13 @@ impl Vmm {
             vcpus,
             event_manager,
             exit,
+            devices,
         })
+    }
+
+    /// The virtio devices attached, in the order the guest sees them.
+    pub fn devices(&self) -> &[AttachedDevice] {
+        &self.devices
     }
 
     /// The serial console (IRQ 4 through an irqfd, input from the event

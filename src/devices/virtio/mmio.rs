@@ -4,15 +4,11 @@
 //! aligned; other accesses are ignored (reads give all ones). The config
 //! space at 0x100 accepts any width.
 
-use std::sync::{Arc, Mutex};
-
 use log::debug;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue::QueueConfig;
-use super::{
-    features, hi32, lo32, status, ActivateContext, Error, GuestMem, Interrupt, VirtioDevice,
-};
+use super::{features, hi32, lo32, status, Active, Error, GuestMem, Interrupt, SharedSlot};
 use crate::devices::bus::{lock, BusDevice};
 
 /// Size of the MMIO window of one device (the `4K` of `virtio_mmio.device=`).
@@ -62,7 +58,7 @@ pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
 /// The virtio-mmio register file of one device.
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
+    device: SharedSlot,
     mem: GuestMem,
     interrupt: Interrupt,
     /// Signalled on every queue notification (the builder's ioeventfds).
@@ -83,8 +79,8 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// Wraps `device`; `mem` is handed to it at activation.
-    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, mem: GuestMem) -> Result<Self, Error> {
-        let max_sizes = lock(&device).queue_max_sizes().to_vec();
+    pub fn new(device: SharedSlot, mem: GuestMem) -> Result<Self, Error> {
+        let max_sizes = lock(&device).device.queue_max_sizes().to_vec();
         let queues = max_sizes
             .iter()
             .map(|&m| QueueConfig::new(m))
@@ -146,14 +142,14 @@ impl MmioTransport {
     }
 
     fn offered_features(&self) -> u64 {
-        lock(&self.device).avail_features()
+        lock(&self.device).device.avail_features()
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
         match offset {
             REG_MAGIC => MAGIC_VALUE,
             REG_VERSION => MMIO_VERSION,
-            REG_DEVICE_ID => lock(&self.device).device_type(),
+            REG_DEVICE_ID => lock(&self.device).device.device_type(),
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => {
                 let f = self.offered_features();
@@ -346,31 +342,34 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let event_idx = self.acked_features & features::VIRTIO_RING_F_EVENT_IDX != 0;
-        let built: Result<Vec<_>, _> = self
-            .queues
-            .iter()
-            .map(|q| {
-                if q.ready {
-                    q.build(&self.mem, event_idx)
-                } else {
-                    Err(super::queue::Error::OutsideMemory("disabled queue"))
+        let mut slot = lock(&self.device);
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, q) in self.queues.iter().enumerate() {
+            let built = if q.ready {
+                q.build(&self.mem, event_idx)
+            } else if slot.device.queue_optional(i, self.acked_features) {
+                // Left disabled, as the device type allows: never processed.
+                q.build_disabled()
+            } else {
+                Err(super::queue::Error::Disabled)
+            };
+            match built {
+                Ok(q) => queues.push(q),
+                Err(e) => {
+                    debug!("virtio-mmio: DRIVER_OK with unusable queue {i}: {e}");
+                    drop(slot);
+                    self.interrupt.set_needs_reset();
+                    return;
                 }
-            })
-            .collect();
-        let queues = match built {
-            Ok(q) => q,
-            Err(e) => {
-                debug!("virtio-mmio: DRIVER_OK with unusable queues: {e}");
-                self.interrupt.set_needs_reset();
-                return;
             }
-        };
-        lock(&self.device).activate(ActivateContext {
+        }
+        slot.activate(Active {
             mem: self.mem.clone(),
             queues,
             acked_features: self.acked_features,
             interrupt: self.interrupt.clone(),
         });
+        drop(slot);
         self.kick_event_loop();
     }
 
@@ -383,9 +382,9 @@ impl MmioTransport {
     /// §2.4 device reset: back to the initial state.
     fn reset(&mut self) {
         let was_active = {
-            let mut dev = lock(&self.device);
-            let active = dev.is_activated();
-            dev.reset();
+            let mut slot = lock(&self.device);
+            let active = slot.is_active();
+            slot.reset();
             active
         };
         for q in &mut self.queues {
@@ -412,7 +411,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             let off = offset - CONFIG_SPACE_OFFSET;
-            lock(&self.device).read_config(off, data);
+            lock(&self.device).device.read_config(off, data);
         } else if register_access(offset, data.len()) {
             let v = self.read_reg(offset);
             data.copy_from_slice(&v.to_le_bytes());
@@ -428,7 +427,7 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             let off = offset - CONFIG_SPACE_OFFSET;
-            lock(&self.device).write_config(off, data);
+            lock(&self.device).device.write_config(off, data);
         } else if let (true, Ok(bytes)) = (
             register_access(offset, data.len()),
             <[u8; 4]>::try_from(data),

@@ -3,18 +3,20 @@
 
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, EventSet, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::test_utils::*;
-use crate::devices::virtio::{device_type, interrupt_bits, new_rng};
+use crate::devices::virtio::{
+    device_type, interrupt_bits, Sources, VirtioDevice, VirtioMmioDevice,
+};
 
 const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
 
-fn driver() -> (Arc<Mutex<Rng>>, Driver) {
-    let dev = Arc::new(Mutex::new(Rng::new()));
+fn driver() -> (TestSlot<Rng>, Driver) {
+    let dev = slot(Rng::new());
     let d = Driver::new(dev.clone(), guest_mem());
     (dev, d)
 }
@@ -110,7 +112,7 @@ fn status_transitions_in_order_only() {
     );
     d.write(0x70, 0);
     assert_eq!(d.status(), 0);
-    assert!(!dev.lock().unwrap().is_activated());
+    assert!(!dev.lock().unwrap().is_active());
 }
 
 #[test]
@@ -166,13 +168,13 @@ fn bad_queue_configs_refused() {
         d.read(0x60) & interrupt_bits::CONFIG_CHANGE,
         interrupt_bits::CONFIG_CHANGE
     );
-    assert!(!dev.lock().unwrap().is_activated());
+    assert!(!dev.lock().unwrap().is_active());
     d.write(0x64, interrupt_bits::CONFIG_CHANGE);
     assert_eq!(d.read(0x60), 0);
     d.write(0x70, 0);
     assert!(!d.needs_reset());
     d.init(0);
-    assert!(dev.lock().unwrap().is_activated());
+    assert!(dev.lock().unwrap().is_active());
 }
 
 #[test]
@@ -207,7 +209,7 @@ fn reset_clears_everything() {
     assert_eq!(d.status(), 0);
     assert_eq!(d.read(0x60), 0);
     assert_eq!(d.read(0x44), 0);
-    assert!(!dev.lock().unwrap().is_activated());
+    assert!(!dev.lock().unwrap().is_active());
     let t = d.t.lock().unwrap();
     assert_eq!(t.acked_features, 0);
     assert_eq!(t.queues[0].size, 256);
@@ -218,7 +220,7 @@ fn reset_clears_everything() {
 #[test]
 fn event_loop_processes_notified_queues() {
     let mem = guest_mem();
-    let dev = new_rng(mem.clone()).unwrap();
+    let dev = VirtioMmioDevice::new(Rng::new(), mem.clone()).unwrap();
     let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
     em.add_subscriber(dev.subscriber.clone());
     let mut d = Driver::from_transport(dev.transport.clone(), mem.clone());
@@ -253,4 +255,122 @@ fn event_loop_processes_notified_queues() {
     d.write(0x50, 0);
     em.run_with_timeout(0).unwrap();
     assert_eq!(d.used_idx(), 2);
+}
+
+/// A device with two queues, the second optional, and an eventfd of its own
+/// that it watches while active: the parts of the device contract block and
+/// rng do not use.
+struct Probe {
+    own: EventFd,
+    watched: bool,
+    source_events: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Probe {
+    fn new() -> Self {
+        Self {
+            own: EventFd::new(EFD_NONBLOCK).unwrap(),
+            watched: false,
+            source_events: Arc::default(),
+        }
+    }
+}
+
+impl VirtioDevice for Probe {
+    fn device_type(&self) -> u32 {
+        0x7e57
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 16]
+    }
+    fn queue_optional(&self, index: usize, _: u64) -> bool {
+        index == 1
+    }
+    fn avail_features(&self) -> u64 {
+        features::COMMON
+    }
+    fn process_queue(&mut self, active: &mut Active, index: usize, _: &mut dyn Sources) -> bool {
+        active.drain(index, |_, _| {
+            crate::devices::virtio::queue::Outcome::Used(0)
+        })
+    }
+    fn sync_sources(&mut self, active: Option<&mut Active>, sources: &mut dyn Sources) {
+        use std::os::fd::AsRawFd;
+        let want = active.is_some();
+        if want != self.watched {
+            let fd = self.own.as_raw_fd();
+            if want {
+                sources.add(fd, 7, EventSet::IN).unwrap();
+            } else {
+                sources.remove(fd).unwrap();
+            }
+            self.watched = want;
+        }
+    }
+    fn process_source(
+        &mut self,
+        active: Option<&mut Active>,
+        token: u32,
+        events: EventSet,
+        _: &mut dyn Sources,
+    ) {
+        assert_eq!(token, 7);
+        assert!(events.contains(EventSet::IN));
+        assert!(active.is_some());
+        let _ = self.own.read();
+        self.source_events
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn optional_queue_may_stay_disabled_required_may_not() {
+    let dev = slot(Probe::new());
+    let mut d = Driver::new(dev.clone(), guest_mem());
+    // Queue 0 only: queue 1 is optional.
+    d.init(0);
+    assert!(dev.lock().unwrap().is_active());
+    assert!(!d.needs_reset());
+    // Notifying the disabled queue processes nothing and breaks nothing.
+    assert!(!process(&dev, 1));
+    assert!(!d.needs_reset());
+
+    // Queue 1 only: queue 0 is required.
+    d.write(0x70, 0);
+    assert!(d.negotiate(features::VIRTIO_F_VERSION_1));
+    d.write(0x30, 1);
+    d.write(0x38, 16);
+    d.write(0x80, 0x4000);
+    d.write(0x90, 0x5000);
+    d.write(0xa0, 0x6000);
+    d.write(0x44, 1);
+    d.driver_ok();
+    assert!(d.needs_reset());
+    assert!(!dev.lock().unwrap().is_active());
+}
+
+#[test]
+fn device_sources_reach_the_device_while_active() {
+    let mem = guest_mem();
+    let probe = Probe::new();
+    let own = probe.own.try_clone().unwrap();
+    let count = probe.source_events.clone();
+    let events = move || count.load(std::sync::atomic::Ordering::SeqCst);
+    let dev = VirtioMmioDevice::new(probe, mem.clone()).unwrap();
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    em.add_subscriber(dev.subscriber.clone());
+    let mut d = Driver::from_transport(dev.transport.clone(), mem);
+    d.init(0);
+    em.run_with_timeout(100).unwrap(); // activation: the device adds its source
+    own.write(1).unwrap();
+    em.run_with_timeout(100).unwrap();
+    own.write(1).unwrap();
+    em.run_with_timeout(100).unwrap();
+    assert_eq!(events(), 2);
+    // After a reset the device removed its source: nothing more arrives.
+    d.write(0x70, 0);
+    em.run_with_timeout(100).unwrap();
+    own.write(1).unwrap();
+    assert_eq!(em.run_with_timeout(50).unwrap(), 0);
+    assert_eq!(events(), 2);
 }

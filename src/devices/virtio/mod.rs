@@ -1,16 +1,23 @@
 //! Virtio devices (virtio 1.2) behind the virtio-mmio transport.
 //!
 //! The split is the one the spec makes:
-//! - a [`VirtioDevice`] (block, rng) knows its queues, features and config
-//!   space, and processes requests; it never sees the bus;
+//! - a [`VirtioDevice`] (block, rng, vsock) knows its queues, features and
+//!   config space, and processes requests; it never sees the bus;
+//! - a [`Slot`] holds the device and, between DRIVER_OK and reset, its
+//!   [`Active`] state (memory, queues, features, interrupt): the activation
+//!   and reset bookkeeping every device shares lives there, once;
 //! - the [`mmio::MmioTransport`] is what the guest reaches through MMIO exits
 //!   (`BusDevice`): it negotiates features, collects the queue layout and
-//!   activates the device at DRIVER_OK;
-//! - a [`subscriber::QueueSubscriber`] runs the device's queue processing on
-//!   the VMM's event-manager thread, never on a vCPU thread.
+//!   activates the slot at DRIVER_OK;
+//! - a [`subscriber::DeviceSubscriber`] runs the device's queue processing,
+//!   and the event sources the device brings itself ([`Sources`]: sockets,
+//!   connections, timers), on the VMM's event-manager thread, never on a
+//!   vCPU thread;
+//! - [`queue::Cursor`] walks one queue for a device: chains in, used
+//!   entries out, interrupts and DEVICE_NEEDS_RESET on a broken ring.
 //!
-//! The builder creates a device with [`new_block`] or [`new_rng`] and wires
-//! the returned [`VirtioMmioDevice`] (see its documentation).
+//! A new device is one file implementing [`VirtioDevice`]; the builder wraps
+//! it with [`VirtioMmioDevice::new`] and wires the result.
 
 pub mod block;
 pub mod mmio;
@@ -21,12 +28,13 @@ pub mod subscriber;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use event_manager::MutEventSubscriber;
-use log::warn;
-use virtio_queue::Queue;
+use event_manager::{EventSet, MutEventSubscriber};
+use log::{debug, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -93,11 +101,9 @@ pub(crate) fn hi32(v: u64) -> u32 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot create an eventfd: {0}")]
+    #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    #[error("virtio-blk: {0}")]
-    Block(#[from] block::Error),
-    #[error("virtio queue: {0}")]
+    #[error("invalid virtio queue")]
     Queue(#[from] queue::Error),
 }
 
@@ -185,11 +191,15 @@ impl Interrupt {
     }
 }
 
-/// What a device gets when the driver sets DRIVER_OK.
-pub struct ActivateContext {
+/// What an activated device works with: guest memory, the queues the
+/// driver enabled, the negotiated features and the interrupt. The [`Slot`]
+/// keeps it from DRIVER_OK to the next reset and lends it to the device.
+pub struct Active {
     /// All guest memory; fixed for the VM's life.
     pub mem: GuestMem,
-    /// The queues, validated, in index order, with event index set if negotiated.
+    /// One queue per index the device declares. A queue the driver left
+    /// disabled (allowed only where [`VirtioDevice::queue_optional`] says
+    /// so) is not ready and is never processed.
     pub queues: Vec<Queue>,
     /// The features the driver accepted (a subset of the offered ones).
     pub acked_features: u64,
@@ -197,37 +207,162 @@ pub struct ActivateContext {
     pub interrupt: Interrupt,
 }
 
+impl Active {
+    /// A cursor over queue `index` if the driver enabled it.
+    pub fn queue(&mut self, index: usize) -> Option<queue::Cursor<'_>> {
+        let q = self.queues.get_mut(index).filter(|q| q.ready())?;
+        Some(queue::Cursor::new(q, &self.mem, &self.interrupt))
+    }
+
+    /// Runs [`queue::Cursor::drain`] on queue `index`: hands every available
+    /// chain to `handle` and returns it in the used ring. Returns true when
+    /// a work budget ran out and chains may be left.
+    pub fn drain<F>(&mut self, index: usize, handle: F) -> bool
+    where
+        F: FnMut(DescriptorChain<&GuestMem>, &GuestMem) -> queue::Outcome,
+    {
+        self.queue(index).is_some_and(|c| c.drain(handle))
+    }
+}
+
+/// Event sources a device owns beyond its queue eventfds (a listening
+/// socket, its connections, a tap, a timer), registered with the event loop
+/// through this interface. Events come back to
+/// [`VirtioDevice::process_source`] with the `token` given here.
+///
+/// An fd must be removed before it is closed: the event loop refuses a new
+/// fd with the number of one still registered.
+pub trait Sources {
+    /// Starts watching `fd` for `events`; `token` must be below 2^31.
+    fn add(&mut self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()>;
+    /// Changes what `fd` is watched for.
+    fn modify(&mut self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()>;
+    /// Stops watching `fd`.
+    fn remove(&mut self, fd: RawFd) -> std::io::Result<()>;
+}
+
 /// A virtio device, independent of the transport.
 ///
-/// All methods may be called from a vCPU thread (through the transport) or
-/// from the event-manager thread ([`VirtioDevice::process_queue`]); the device
-/// sits behind a mutex shared by both.
+/// The device sits in a [`Slot`] behind a mutex shared by the transport
+/// (register accesses on vCPU threads: identification, config space,
+/// activation, reset) and the event-loop glue (queue and source processing
+/// on the event-manager thread). The slot does the bookkeeping every device
+/// shares: the [`Active`] state between DRIVER_OK and reset, and never
+/// processing a queue of an inactive device.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (§5).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue; the length is the number of queues.
     /// Every size is a power of two, at most 32768.
     fn queue_max_sizes(&self) -> &[u16];
+    /// Whether the driver may leave queue `index` disabled, given the
+    /// features it accepted (§2.6: e.g. a control queue whose feature was
+    /// not negotiated). Every queue is required unless the device says so.
+    fn queue_optional(&self, _index: usize, _acked_features: u64) -> bool {
+        false
+    }
     /// The feature bits the device offers, including [`features::VIRTIO_F_VERSION_1`].
     fn avail_features(&self) -> u64;
-    /// Reads `data.len()` bytes of the device-specific config space at `offset`.
-    /// Bytes outside the config space read as all ones.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Reads `data.len()` bytes of the device-specific config space at
+    /// `offset`. Bytes outside the config space read as all ones.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
     /// Writes the device-specific config space; read-only fields are ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device once the driver set DRIVER_OK.
-    fn activate(&mut self, ctx: ActivateContext);
-    /// Whether the device is activated (and not reset since).
-    fn is_activated(&self) -> bool;
-    /// Returns the device to its initial state: drops queues and memory.
-    fn reset(&mut self);
-    /// Processes the available buffers of queue `index`. Called on the
-    /// event-manager thread when the queue is notified. Does nothing when the
-    /// device is not activated or needs a reset. Returns true when buffers
-    /// may be left (a work budget ran out): the caller must call it again
-    /// later, after letting other event sources run.
-    fn process_queue(&mut self, index: usize) -> bool;
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            "virtio: {}-byte config write at {offset:#x} ignored",
+            data.len()
+        );
+    }
+    /// The driver set DRIVER_OK; `active` holds the validated queues.
+    fn activate(&mut self, _active: &Active) {}
+    /// The driver reset the device (§2.4): drop what belongs to the
+    /// activation. Runs on a vCPU thread: event sources the device must
+    /// close are removed in the next [`VirtioDevice::sync_sources`].
+    fn reset(&mut self) {}
+    /// Processes the available buffers of queue `index` (notified by the
+    /// driver). Returns true when buffers may be left because a work budget
+    /// ran out: the caller calls again after serving other event sources.
+    fn process_queue(
+        &mut self,
+        active: &mut Active,
+        index: usize,
+        sources: &mut dyn Sources,
+    ) -> bool;
+    /// Brings the device's own event sources up to date: called when the
+    /// device joins the event loop, after every activation and reset.
+    fn sync_sources(&mut self, _active: Option<&mut Active>, _sources: &mut dyn Sources) {}
+    /// One of the device's own sources (registered with `token`) is ready.
+    fn process_source(
+        &mut self,
+        _active: Option<&mut Active>,
+        _token: u32,
+        _events: EventSet,
+        _sources: &mut dyn Sources,
+    ) {
+    }
 }
+
+/// A device and, while the driver runs it, its [`Active`] state. Shared by
+/// the transport and the event-loop glue as `Arc<Mutex<Slot<dyn VirtioDevice>>>`.
+pub struct Slot<D: ?Sized> {
+    active: Option<Active>,
+    pub device: D,
+}
+
+impl<D: VirtioDevice> Slot<D> {
+    pub fn new(device: D) -> Self {
+        Self {
+            active: None,
+            device,
+        }
+    }
+}
+
+impl<D: VirtioDevice + ?Sized> Slot<D> {
+    /// Whether the driver set DRIVER_OK and has not reset the device since.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    pub(crate) fn activate(&mut self, active: Active) {
+        self.device.activate(&active);
+        self.active = Some(active);
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.active = None;
+        self.device.reset();
+    }
+
+    /// Processes queue `index` if the device is active and healthy.
+    pub(crate) fn process_queue(&mut self, index: usize, sources: &mut dyn Sources) -> bool {
+        match self.active.as_mut() {
+            Some(active) if !active.interrupt.needs_reset() => {
+                self.device.process_queue(active, index, sources)
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn sync_sources(&mut self, sources: &mut dyn Sources) {
+        self.device.sync_sources(self.active.as_mut(), sources);
+    }
+
+    pub(crate) fn process_source(
+        &mut self,
+        token: u32,
+        events: EventSet,
+        sources: &mut dyn Sources,
+    ) {
+        self.device
+            .process_source(self.active.as_mut(), token, events, sources);
+    }
+}
+
+/// A device as the transport and the glue share it.
+pub type SharedSlot = Arc<Mutex<Slot<dyn VirtioDevice>>>;
 
 /// Everything the builder needs to wire one virtio-mmio device.
 ///
@@ -248,6 +383,8 @@ pub trait VirtioDevice: Send {
 /// `irq_evt` and `queue_evts` are clones of eventfds the transport and the
 /// subscriber keep; dropping them after registration is fine.
 pub struct VirtioMmioDevice {
+    /// The virtio device ID (§5), for the VMM's device registry.
+    pub device_type: u32,
     /// Goes on the MMIO bus (as a `bus::SharedDevice`).
     pub transport: Arc<Mutex<MmioTransport>>,
     /// Goes in the event manager.
@@ -258,29 +395,31 @@ pub struct VirtioMmioDevice {
     pub queue_evts: Vec<EventFd>,
 }
 
-fn assemble<D: VirtioDevice + 'static>(
-    device: D,
-    mem: GuestMem,
-) -> Result<VirtioMmioDevice, Error> {
-    let device = Arc::new(Mutex::new(device));
-    let transport = MmioTransport::new(device.clone(), mem)?;
-    let subscriber = subscriber::QueueSubscriber::new(device, &transport)?;
-    let irq_evt = transport
-        .interrupt()
-        .eventfd()
-        .try_clone()
-        .map_err(Error::EventFd)?;
-    let queue_evts = transport
-        .queue_evts()
-        .iter()
-        .map(|e| e.try_clone().map_err(Error::EventFd))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(VirtioMmioDevice {
-        transport: Arc::new(Mutex::new(transport)),
-        subscriber: Arc::new(Mutex::new(subscriber)),
-        irq_evt,
-        queue_evts,
-    })
+impl VirtioMmioDevice {
+    /// Puts `device` behind a virtio-mmio transport and its event-loop glue.
+    pub fn new<D: VirtioDevice + 'static>(device: D, mem: GuestMem) -> Result<Self, Error> {
+        let device_type = device.device_type();
+        let slot: SharedSlot = Arc::new(Mutex::new(Slot::new(device)));
+        let transport = MmioTransport::new(slot.clone(), mem)?;
+        let subscriber = subscriber::DeviceSubscriber::new(slot, &transport)?;
+        let irq_evt = transport
+            .interrupt()
+            .eventfd()
+            .try_clone()
+            .map_err(Error::EventFd)?;
+        let queue_evts = transport
+            .queue_evts()
+            .iter()
+            .map(|e| e.try_clone().map_err(Error::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            device_type,
+            transport: Arc::new(Mutex::new(transport)),
+            subscriber: Arc::new(Mutex::new(subscriber)),
+            irq_evt,
+            queue_evts,
+        })
+    }
 }
 
 /// The kernel command-line parameter announcing a virtio-mmio device at
@@ -288,16 +427,6 @@ fn assemble<D: VirtioDevice + 'static>(
 /// `virtio_mmio.device=4K@0xd0000000:5`.
 pub fn cmdline_param(base: u64, gsi: u32) -> String {
     format!("virtio_mmio.device=4K@{base:#x}:{gsi}")
-}
-
-/// Creates a virtio-blk device backed by `opts.path`.
-pub fn new_block(opts: BlockOptions, mem: GuestMem) -> Result<VirtioMmioDevice, Error> {
-    assemble(block::Block::new(opts)?, mem)
-}
-
-/// Creates a virtio-rng device fed by the host's `getrandom`.
-pub fn new_rng(mem: GuestMem) -> Result<VirtioMmioDevice, Error> {
-    assemble(rng::Rng::new(), mem)
 }
 
 #[cfg(test)]

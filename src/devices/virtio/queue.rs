@@ -30,6 +30,8 @@ pub enum Error {
     Misaligned(&'static str),
     #[error("queue {0} is not inside guest memory")]
     OutsideMemory(&'static str),
+    #[error("a required queue is disabled")]
+    Disabled,
 }
 
 /// The registers of one queue as last written by the driver.
@@ -147,7 +149,14 @@ impl QueueConfig {
     }
 }
 
-/// What a request handler tells [`drain`] about one descriptor chain.
+impl QueueConfig {
+    /// A queue the driver left disabled: not ready, never processed.
+    pub fn build_disabled(&self) -> Result<Queue, Error> {
+        Queue::new(self.max_size).map_err(|_| Error::InvalidMaxSize(self.max_size))
+    }
+}
+
+/// What a request handler tells [`Cursor::drain`] about one descriptor chain.
 pub enum Outcome {
     /// Put the chain in the used ring with this many bytes written.
     Used(u32),
@@ -158,83 +167,146 @@ pub enum Outcome {
 
 /// Upper bound on the chains handled per call, so that a driver refilling
 /// the ring as fast as it is drained cannot keep the event thread forever.
-/// When it runs out, [`drain`] returns true and the caller must call again
-/// later (the event-loop glue re-signals the queue's eventfd).
-const MAX_CHAINS_PER_DRAIN: usize = 4096;
+/// When it runs out, [`Cursor::drain`] returns true and the caller must call
+/// again later (the event-loop glue re-signals the queue's eventfd).
+pub const MAX_CHAINS_PER_DRAIN: usize = 4096;
 
-/// Takes every available chain of `q`, hands it to `handle`, returns it in
-/// the used ring, then interrupts the driver if it wants to be (event index
-/// aware). A ring the device cannot read or write marks the device
-/// DEVICE_NEEDS_RESET. Does nothing if the device already needs a reset.
-///
-/// Returns true when chains may be left because the budget ran out.
-pub fn drain<F>(q: &mut Queue, mem: &GuestMem, interrupt: &Interrupt, mut handle: F) -> bool
-where
-    F: FnMut(DescriptorChain<&GuestMem>) -> Outcome,
-{
-    if interrupt.needs_reset() {
-        return false;
+/// One pass of a device over one queue: takes available chains, returns
+/// them in the used ring, and when dropped interrupts the driver if it
+/// wants to be (event index aware). A ring the device cannot read or write
+/// marks the device DEVICE_NEEDS_RESET, after which the cursor yields
+/// nothing.
+pub struct Cursor<'a> {
+    q: &'a mut Queue,
+    mem: &'a GuestMem,
+    interrupt: &'a Interrupt,
+    used_any: bool,
+    fatal: bool,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(q: &'a mut Queue, mem: &'a GuestMem, interrupt: &'a Interrupt) -> Self {
+        let fatal = interrupt.needs_reset();
+        Self {
+            q,
+            mem,
+            interrupt,
+            used_any: false,
+            fatal,
+        }
     }
-    let mut used_any = false;
-    let mut fatal = false;
-    let mut budget = MAX_CHAINS_PER_DRAIN;
-    'outer: loop {
-        if q.event_idx_enabled() && q.disable_notification(mem).is_err() {
-            fatal = true;
-            break;
+
+    /// Guest memory, for the chains' buffers.
+    pub fn mem(&self) -> &'a GuestMem {
+        self.mem
+    }
+
+    /// Marks the device DEVICE_NEEDS_RESET (when the cursor is dropped).
+    pub fn fail(&mut self) {
+        self.fatal = true;
+    }
+
+    /// Whether the device gave up on the queue.
+    pub fn failed(&self) -> bool {
+        self.fatal
+    }
+
+    /// The next available chain, or None when the ring is empty or broken.
+    pub fn pop(&mut self) -> Option<DescriptorChain<&'a GuestMem>> {
+        if self.fatal {
+            return None;
         }
-        while budget > 0 {
-            // `iter` checks the avail index is at most a ring ahead of us.
-            let chain = match q.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(_) => {
-                    fatal = true;
-                    break 'outer;
-                }
-            };
-            let Some(chain) = chain else { break };
-            budget -= 1;
-            let head = chain.head_index();
-            if head >= q.size() {
-                // virtio-queue would refuse (and log) the used entry.
-                fatal = true;
-                break 'outer;
-            }
-            match handle(chain) {
-                Outcome::Used(len) => {
-                    if q.add_used(mem, head, len).is_err() {
-                        fatal = true;
-                        break 'outer;
-                    }
-                    used_any = true;
-                }
-                Outcome::Fatal => {
-                    fatal = true;
-                    break 'outer;
-                }
-            }
-        }
-        if budget == 0 || !q.event_idx_enabled() {
-            break;
-        }
-        match q.enable_notification(mem) {
-            // More chains arrived while notifications were off.
-            Ok(true) => continue,
-            Ok(false) => break,
+        // `iter` checks the avail index is at most a ring ahead of us.
+        let chain = match self.q.iter(self.mem) {
+            Ok(mut it) => it.next(),
             Err(_) => {
-                fatal = true;
+                self.fatal = true;
+                return None;
+            }
+        }?;
+        if chain.head_index() >= self.q.size() {
+            // virtio-queue would refuse (and log) the used entry.
+            self.fatal = true;
+            return None;
+        }
+        Some(chain)
+    }
+
+    /// Puts back the chain [`Cursor::pop`] returned last, unused.
+    pub fn undo_pop(&mut self) {
+        self.q.go_to_previous_position();
+    }
+
+    /// Returns the chain with head `head` to the driver, `len` bytes written.
+    pub fn add_used(&mut self, head: u16, len: u32) {
+        if self.fatal {
+            return;
+        }
+        if self.q.add_used(self.mem, head, len).is_err() {
+            self.fatal = true;
+        } else {
+            self.used_any = true;
+        }
+    }
+
+    /// Asks the driver to notify the device when it adds chains (with
+    /// event index, only from now on). Returns true when chains arrived
+    /// meanwhile: pop again.
+    pub fn enable_notification(&mut self) -> bool {
+        if self.fatal {
+            return false;
+        }
+        match self.q.enable_notification(self.mem) {
+            Ok(more) => more,
+            Err(_) => {
+                self.fatal = true;
+                false
+            }
+        }
+    }
+
+    /// Takes every available chain, hands it to `handle`, and returns it in
+    /// the used ring. Returns true when chains may be left because the
+    /// budget ([`MAX_CHAINS_PER_DRAIN`]) ran out.
+    pub fn drain<F>(mut self, mut handle: F) -> bool
+    where
+        F: FnMut(DescriptorChain<&GuestMem>, &GuestMem) -> Outcome,
+    {
+        let mut budget = MAX_CHAINS_PER_DRAIN;
+        loop {
+            if self.q.event_idx_enabled() && self.q.disable_notification(self.mem).is_err() {
+                self.fatal = true;
+            }
+            while budget > 0 {
+                let Some(chain) = self.pop() else { break };
+                budget -= 1;
+                let head = chain.head_index();
+                match handle(chain, self.mem) {
+                    Outcome::Used(len) => self.add_used(head, len),
+                    Outcome::Fatal => self.fatal = true,
+                }
+            }
+            if budget == 0 || self.fatal || !self.q.event_idx_enabled() {
+                break;
+            }
+            // More chains may have arrived while notifications were off.
+            if !self.enable_notification() {
                 break;
             }
         }
+        budget == 0 && !self.fatal
     }
-    if used_any && q.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used_queue();
+}
+
+impl Drop for Cursor<'_> {
+    fn drop(&mut self) {
+        if self.used_any && self.q.needs_notification(self.mem).unwrap_or(true) {
+            self.interrupt.signal_used_queue();
+        }
+        if self.fatal {
+            self.interrupt.set_needs_reset();
+        }
     }
-    if fatal {
-        interrupt.set_needs_reset();
-        return false;
-    }
-    budget == 0
 }
 
 #[cfg(test)]

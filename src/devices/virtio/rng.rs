@@ -6,8 +6,8 @@
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes};
 
-use super::queue::{drain, Outcome};
-use super::{device_type, features, ActivateContext, GuestMem, VirtioDevice};
+use super::queue::Outcome;
+use super::{device_type, features, Active, GuestMem, Sources, VirtioDevice};
 
 /// §5.4.2: a single queue, "requestq".
 const QUEUE_SIZES: &[u16] = &[256];
@@ -18,7 +18,6 @@ const CHUNK: usize = 4096;
 
 /// The entropy device. It has no config space and no device features.
 pub struct Rng {
-    active: Option<ActivateContext>,
     buf: Vec<u8>,
 }
 
@@ -31,7 +30,6 @@ impl Default for Rng {
 impl Rng {
     pub fn new() -> Self {
         Self {
-            active: None,
             buf: vec![0; CHUNK],
         }
     }
@@ -98,34 +96,9 @@ impl VirtioDevice for Rng {
         features::COMMON
     }
 
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn activate(&mut self, ctx: ActivateContext) {
-        self.active = Some(ctx);
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-    }
-
-    fn process_queue(&mut self, index: usize) -> bool {
-        let Some(active) = self.active.as_mut() else {
-            return false;
-        };
-        let Some(q) = active.queues.get_mut(index) else {
-            return false;
-        };
-        let mem = &active.mem;
+    fn process_queue(&mut self, active: &mut Active, index: usize, _: &mut dyn Sources) -> bool {
         let buf = &mut self.buf;
-        drain(q, mem, &active.interrupt, |chain| {
+        active.drain(index, |chain, mem| {
             Outcome::Used(fill_chain(chain, mem, buf))
         })
     }
@@ -133,15 +106,13 @@ impl VirtioDevice for Rng {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use vm_memory::GuestAddress;
 
     use super::*;
     use crate::devices::virtio::test_utils::*;
 
-    fn setup() -> (Arc<Mutex<Rng>>, Driver) {
-        let dev = Arc::new(Mutex::new(Rng::new()));
+    fn setup() -> (TestSlot<Rng>, Driver) {
+        let dev = slot(Rng::new());
         let mut d = Driver::new(dev.clone(), guest_mem());
         d.init(0);
         (dev, d)
@@ -154,7 +125,7 @@ mod tests {
         d.chain(0, &[(DATA, 100, true), (DATA + 0x1000, 200, true)]);
         d.push_avail(0);
         d.write(0x50, 0);
-        dev.lock().unwrap().process_queue(0);
+        process(&dev, 0);
         assert_eq!(d.used_idx(), 1);
         assert_eq!(d.used_elem(0), (0, 300));
         let mut got = [0u8; 200];
@@ -181,7 +152,7 @@ mod tests {
         d.set_desc(DESC, 4, DATA, 8, F_WRITE | F_NEXT, 5);
         d.set_desc(DESC, 5, DATA, 8, F_WRITE | F_NEXT, 4);
         d.push_avail(4);
-        dev.lock().unwrap().process_queue(0);
+        process(&dev, 0);
         assert_eq!(d.used_idx(), 5);
         assert_eq!(d.used_elem(0), (0, MAX_BYTES_PER_REQUEST));
         assert_eq!(d.used_elem(1).1, 0);
@@ -195,7 +166,7 @@ mod tests {
     fn head_index_beyond_queue_needs_reset() {
         let (dev, mut d) = setup();
         d.push_avail(16);
-        dev.lock().unwrap().process_queue(0);
+        process(&dev, 0);
         assert!(d.needs_reset());
         assert_eq!(d.used_idx(), 0);
     }
@@ -204,12 +175,12 @@ mod tests {
     fn avail_index_too_far_ahead_needs_reset() {
         let (dev, mut d) = setup();
         d.set_avail_idx(100); // queue size is 16
-        dev.lock().unwrap().process_queue(0);
+        process(&dev, 0);
         assert!(d.needs_reset());
         assert_eq!(d.read(0x60) & 2, 2);
         // A reset brings it back.
         d.write(0x70, 0);
         assert!(!d.needs_reset());
-        assert!(!dev.lock().unwrap().is_activated());
+        assert!(!dev.lock().unwrap().is_active());
     }
 }

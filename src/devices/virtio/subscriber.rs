@@ -1,41 +1,83 @@
-//! Event-loop glue: runs a device's queue processing on the event-manager
-//! thread.
+//! Event-loop glue: runs a device's queue processing, and the event sources
+//! the device brings itself, on the event-manager thread.
 //!
 //! The subscriber always watches the transport's activation eventfd. When it
-//! fires, the subscriber looks at whether the device is active and starts (or
-//! stops) watching the queue eventfds accordingly. A queue eventfd firing
-//! makes the device process that queue.
+//! fires (the driver set DRIVER_OK, or reset the device), the subscriber
+//! starts or stops watching the queue eventfds and lets the device bring its
+//! own sources up to date. A queue eventfd firing makes the device process
+//! that queue; one of the device's sources firing goes to
+//! [`VirtioDevice::process_source`](super::VirtioDevice::process_source).
 
-use std::sync::{Arc, Mutex};
+use std::os::fd::RawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Error, MmioTransport, VirtioDevice};
+use super::{Error, MmioTransport, SharedSlot, Sources};
 use crate::devices::bus::lock;
 
 /// `Events` data of the activation eventfd; queue `i` uses `i + 1`.
 const ACTIVATE_DATA: u32 = 0;
+/// `Events` data of a device's own source: its token with this bit set.
+const SOURCE_BIT: u32 = 1 << 31;
 
-/// Watches the eventfds of one device; see the module documentation.
-pub struct QueueSubscriber<D: VirtioDevice> {
-    device: Arc<Mutex<D>>,
+/// [`Sources`] over the event manager's operations, tagging tokens so
+/// they come back to the device.
+struct LoopSources<'a, 'b>(&'a mut EventOps<'b>);
+
+fn source_data(token: u32) -> std::io::Result<u32> {
+    if token & SOURCE_BIT != 0 {
+        return Err(std::io::Error::other(format!(
+            "event source token {token:#x} is not below 2^31"
+        )));
+    }
+    Ok(token | SOURCE_BIT)
+}
+
+fn io_error(e: event_manager::Error) -> std::io::Error {
+    std::io::Error::other(format!("{e:?}"))
+}
+
+impl Sources for LoopSources<'_, '_> {
+    fn add(&mut self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()> {
+        let data = source_data(token)?;
+        self.0
+            .add(Events::with_data_raw(fd, data, events))
+            .map_err(io_error)
+    }
+
+    fn modify(&mut self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()> {
+        let data = source_data(token)?;
+        self.0
+            .modify(Events::with_data_raw(fd, data, events))
+            .map_err(io_error)
+    }
+
+    fn remove(&mut self, fd: RawFd) -> std::io::Result<()> {
+        self.0.remove(Events::empty_raw(fd)).map_err(io_error)
+    }
+}
+
+/// Watches the eventfds and sources of one device; see the module
+/// documentation.
+pub struct DeviceSubscriber {
+    slot: SharedSlot,
     activate_evt: EventFd,
     queue_evts: Vec<EventFd>,
     watching_queues: bool,
 }
 
-impl<D: VirtioDevice> QueueSubscriber<D> {
-    /// Shares `device` with `transport` and clones the transport's eventfds.
-    pub fn new(device: Arc<Mutex<D>>, transport: &MmioTransport) -> Result<Self, Error> {
+impl DeviceSubscriber {
+    /// Shares `slot` with `transport` and clones the transport's eventfds.
+    pub fn new(slot: SharedSlot, transport: &MmioTransport) -> Result<Self, Error> {
         let queue_evts = transport
             .queue_evts()
             .iter()
             .map(|e| e.try_clone().map_err(Error::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            device,
+            slot,
             activate_evt: transport
                 .activate_evt()
                 .try_clone()
@@ -45,8 +87,14 @@ impl<D: VirtioDevice> QueueSubscriber<D> {
         })
     }
 
-    fn sync_watch_list(&mut self, ops: &mut EventOps) {
-        let active = lock(&self.device).is_activated();
+    /// Follows the device's activation: queue eventfds watched while it is
+    /// active, and the device's own sources brought up to date.
+    fn sync(&mut self, ops: &mut EventOps) {
+        let active = {
+            let mut slot = lock(&self.slot);
+            slot.sync_sources(&mut LoopSources(ops));
+            slot.is_active()
+        };
         if active == self.watching_queues {
             return;
         }
@@ -60,7 +108,7 @@ impl<D: VirtioDevice> QueueSubscriber<D> {
                 ops.remove(Events::new(evt, EventSet::IN))
             };
             if let Err(e) = res {
-                error!("virtio: cannot (un)watch queue {i} eventfd: {e}");
+                error!("virtio: cannot (un)watch queue {i} eventfd: {e:?}");
             }
         }
         self.watching_queues = active;
@@ -68,8 +116,8 @@ impl<D: VirtioDevice> QueueSubscriber<D> {
 
     /// Processes queue `i`; if work is left, re-signals its eventfd so the
     /// event loop comes back to it after serving other sources.
-    fn run_queue(&self, i: usize) {
-        let more = lock(&self.device).process_queue(i);
+    fn run_queue(&self, i: usize, ops: &mut EventOps) {
+        let more = lock(&self.slot).process_queue(i, &mut LoopSources(ops));
         if more {
             if let Some(evt) = self.queue_evts.get(i) {
                 if let Err(e) = evt.write(1) {
@@ -78,37 +126,40 @@ impl<D: VirtioDevice> QueueSubscriber<D> {
             }
         }
     }
-
-    fn process_all(&mut self) {
-        for i in 0..self.queue_evts.len() {
-            self.run_queue(i);
-        }
-    }
 }
 
-impl<D: VirtioDevice> MutEventSubscriber for QueueSubscriber<D> {
+impl MutEventSubscriber for DeviceSubscriber {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(
             &self.activate_evt,
             ACTIVATE_DATA,
             EventSet::IN,
         )) {
-            error!("virtio: cannot watch the activation eventfd: {e}");
+            error!("virtio: cannot watch the activation eventfd: {e:?}");
         }
-        // In case the device was activated before the subscriber was added.
-        self.sync_watch_list(ops);
+        // Also covers a device activated before the subscriber was added.
+        self.sync(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             ACTIVATE_DATA => {
                 let _ = self.activate_evt.read();
-                self.sync_watch_list(ops);
+                self.sync(ops);
                 if self.watching_queues {
                     // Buffers may have been made available before the queue
                     // eventfds were watched.
-                    self.process_all();
+                    for i in 0..self.queue_evts.len() {
+                        self.run_queue(i, ops);
+                    }
                 }
+            }
+            data if data & SOURCE_BIT != 0 => {
+                lock(&self.slot).process_source(
+                    data & !SOURCE_BIT,
+                    events.event_set(),
+                    &mut LoopSources(ops),
+                );
             }
             data => {
                 let i = usize::try_from(data - 1).unwrap_or(usize::MAX);
@@ -116,7 +167,7 @@ impl<D: VirtioDevice> MutEventSubscriber for QueueSubscriber<D> {
                     Some(evt) => {
                         // Drains the counter; a failure means it was already 0.
                         let _ = evt.read();
-                        self.run_queue(i);
+                        self.run_queue(i, ops);
                     }
                     None => debug!("virtio: event for unknown queue data {data}"),
                 }

@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use event_manager::EventSet;
+
 use super::mmio::MmioTransport;
-use super::{features, status, GuestMem, VirtioDevice};
+use super::{features, status, GuestMem, Slot, Sources, VirtioDevice};
 use crate::devices::bus::BusDevice;
 
 pub const MEM_SIZE: u64 = 0x10_0000;
@@ -21,6 +23,34 @@ pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
 pub const F_INDIRECT: u16 = 4;
 
+/// A device in its slot, as the transport and the event loop share it.
+pub type TestSlot<D> = Arc<Mutex<Slot<D>>>;
+
+pub fn slot<D: VirtioDevice>(device: D) -> TestSlot<D> {
+    Arc::new(Mutex::new(Slot::new(device)))
+}
+
+/// Event sources for a device with none, or whose registrations a test
+/// does not look at: every call succeeds.
+pub struct NoSources;
+
+impl Sources for NoSources {
+    fn add(&mut self, _: std::os::fd::RawFd, _: u32, _: EventSet) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn modify(&mut self, _: std::os::fd::RawFd, _: u32, _: EventSet) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn remove(&mut self, _: std::os::fd::RawFd) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the event loop does when the driver notifies queue `index`.
+pub fn process<D: VirtioDevice>(dev: &TestSlot<D>, index: usize) -> bool {
+    dev.lock().unwrap().process_queue(index, &mut NoSources)
+}
+
 pub fn guest_mem() -> GuestMem {
     GuestMem::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())]).unwrap()
 }
@@ -33,7 +63,7 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new<D: VirtioDevice + 'static>(dev: Arc<Mutex<D>>, mem: GuestMem) -> Self {
+    pub fn new<D: VirtioDevice + 'static>(dev: TestSlot<D>, mem: GuestMem) -> Self {
         let t = MmioTransport::new(dev, mem.clone()).unwrap();
         Self::from_transport(Arc::new(Mutex::new(t)), mem)
     }

@@ -14,8 +14,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
 
 use self::request::{Disk, ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
-use super::queue::{drain, Outcome};
-use super::{device_type, features, ActivateContext, GuestMem, VirtioDevice};
+use super::queue::Outcome;
+use super::{device_type, features, Active, GuestMem, Sources, VirtioDevice};
 
 /// §5.2.3 feature bits.
 pub mod feature_bits {
@@ -87,7 +87,6 @@ pub struct Block {
     disk: Disk,
     avail_features: u64,
     config: [u8; CONFIG_SPACE_SIZE],
-    active: Option<ActivateContext>,
 }
 
 impl Block {
@@ -143,7 +142,6 @@ impl Block {
             },
             avail_features,
             config,
-            active: None,
         })
     }
 
@@ -213,31 +211,17 @@ impl VirtioDevice for Block {
         );
     }
 
-    fn activate(&mut self, ctx: ActivateContext) {
-        self.disk.flush_negotiated = ctx.acked_features & VIRTIO_BLK_F_FLUSH != 0;
-        self.active = Some(ctx);
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
+    fn activate(&mut self, active: &Active) {
+        self.disk.flush_negotiated = active.acked_features & VIRTIO_BLK_F_FLUSH != 0;
     }
 
     fn reset(&mut self) {
-        self.active = None;
         self.disk.flush_negotiated = false;
     }
 
-    fn process_queue(&mut self, index: usize) -> bool {
-        let Some(active) = self.active.as_mut() else {
-            return false;
-        };
-        let Some(q) = active.queues.get_mut(index) else {
-            return false;
-        };
-        let (mem, disk) = (&active.mem, &self.disk);
-        drain(q, mem, &active.interrupt, |chain| {
-            handle_chain(chain, mem, disk)
-        })
+    fn process_queue(&mut self, active: &mut Active, index: usize, _: &mut dyn Sources) -> bool {
+        let disk = &self.disk;
+        active.drain(index, |chain, mem| handle_chain(chain, mem, disk))
     }
 }
 

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -55,7 +54,7 @@ fn opts(img: &TempImage, read_only: bool, cache: CacheMode) -> BlockOptions {
 
 struct Setup {
     img: TempImage,
-    dev: Arc<Mutex<Block>>,
+    dev: TestSlot<Block>,
     d: Driver,
 }
 
@@ -63,7 +62,7 @@ fn setup_with(read_only: bool, cache: CacheMode) -> Setup {
     let img = TempImage::new(DISK_SECTORS * 512);
     let block = Block::new(opts(&img, read_only, cache)).unwrap();
     let extra = block.avail_features() & !features::VIRTIO_F_VERSION_1;
-    let dev = Arc::new(Mutex::new(block));
+    let dev = slot(block);
     let mut d = Driver::new(dev.clone(), guest_mem());
     d.init(extra);
     Setup { img, dev, d }
@@ -91,7 +90,7 @@ impl Setup {
     fn run(&mut self, head: u16) -> (u8, u32) {
         let before = self.d.used_idx();
         self.d.push_avail(head);
-        self.dev.lock().unwrap().process_queue(0);
+        process(&self.dev, 0);
         assert_eq!(
             self.d.used_idx(),
             before.wrapping_add(1),
@@ -105,11 +104,11 @@ impl Setup {
     /// Submits a chain that must make the device need a reset.
     fn submit_fatal(&mut self, head: u16) {
         self.d.push_avail(head);
-        self.dev.lock().unwrap().process_queue(0);
+        process(&self.dev, 0);
         assert!(self.d.needs_reset(), "device should need a reset");
         assert_eq!(self.d.used_idx(), 0);
         // And it stays stopped until reset.
-        self.dev.lock().unwrap().process_queue(0);
+        process(&self.dev, 0);
         assert_eq!(self.d.used_idx(), 0);
     }
 
@@ -204,9 +203,12 @@ fn config_space_and_features() {
     let ro_unsafe = Block::new(opts(&img, true, CacheMode::Unsafe)).unwrap();
     assert_ne!(ro_unsafe.avail_features() & VIRTIO_BLK_F_RO, 0);
     assert_eq!(ro_unsafe.avail_features() & VIRTIO_BLK_F_FLUSH, 0);
-    assert_eq!(s.dev.lock().unwrap().avail_features() & VIRTIO_BLK_F_RO, 0);
+    assert_eq!(
+        s.dev.lock().unwrap().device.avail_features() & VIRTIO_BLK_F_RO,
+        0
+    );
     assert_ne!(
-        s.dev.lock().unwrap().avail_features() & VIRTIO_BLK_F_FLUSH,
+        s.dev.lock().unwrap().device.avail_features() & VIRTIO_BLK_F_FLUSH,
         0
     );
 }
@@ -436,7 +438,7 @@ fn bad_ring_contents_need_reset() {
     // Avail index more than a ring ahead.
     let mut s = setup();
     s.d.set_avail_idx(17);
-    s.dev.lock().unwrap().process_queue(0);
+    process(&s.dev, 0);
     assert!(s.d.needs_reset());
 }
 
