@@ -35,7 +35,7 @@ const MIB: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The config file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}", path.display())]
     ReadFile {
         /// The config file.
         path: PathBuf,
@@ -44,9 +44,9 @@ pub enum Error {
         source: io::Error,
     },
     /// The config file is not valid JSON for the schema (syntax, unknown
-    /// field, wrong type, missing field); serde's message says which field
-    /// and where.
-    #[error("invalid config file {}: {source}", path.display())]
+    /// field, wrong type, missing field); serde's message, the source, says
+    /// which field and where.
+    #[error("invalid config file {}", path.display())]
     ParseFile {
         /// The config file.
         path: PathBuf,
@@ -55,7 +55,7 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// Same as [`Error::ParseFile`] for JSON given as text.
-    #[error("invalid config: {0}")]
+    #[error("invalid config")]
     Parse(#[source] serde_json::Error),
     /// The config asks for something kiln does not implement yet; the
     /// message is `not supported yet: <section or field>`.
@@ -87,7 +87,7 @@ pub enum Error {
         guest_limit_mib: u64,
     },
     /// A file named by the config cannot be opened as needed.
-    #[error("{field}: cannot open {} for {access}: {source}", path.display())]
+    #[error("{field}: cannot open {} for {access}", path.display())]
     File {
         /// The field naming the file, e.g. `drives[0].path_on_host (drive_id "rootfs")`.
         field: String,

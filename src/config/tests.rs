@@ -88,10 +88,11 @@ fn from_value(value: &Value) -> Result<VmConfig, Error> {
     VmConfig::from_json(&value.to_string())
 }
 
+/// The whole error chain (message and causes) of the config's error.
 fn err_of(value: &Value) -> String {
     match from_value(value) {
         Ok(config) => panic!("expected an error, got {config:?}"),
-        Err(err) => err.to_string(),
+        Err(err) => crate::error_chain(&err),
     }
 }
 
@@ -292,9 +293,15 @@ fn null_sections_accepted() {
 fn unreadable_config_file() {
     let path = std::env::temp_dir().join("kiln-config-test-does-not-exist.json");
     let err = VmConfig::from_file(&path).unwrap_err();
-    let msg = err.to_string();
-    assert!(msg.contains(&path.display().to_string()), "{msg}");
-    assert!(msg.contains("No such file or directory"), "{msg}");
+    assert_eq!(
+        crate::error_chain(&err),
+        format!(
+            "cannot read config file {}: No such file or directory (os error 2)",
+            path.display()
+        )
+    );
+    // The OS error is the source, not part of the message.
+    assert!(!err.to_string().contains("No such file"), "{err}");
     assert!(err.source().is_some());
 }
 
@@ -303,7 +310,12 @@ fn parse_error_names_file_and_field() {
     let files = Files::new();
     let value = set(files.minimal(), "machine-config", "vcpus", json!(2));
     let file = TempFile::new(&serde_json::to_string_pretty(&value).unwrap());
-    let msg = VmConfig::from_file(file.path()).unwrap_err().to_string();
+    let err = VmConfig::from_file(file.path()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("invalid config file {}", file.path().display())
+    );
+    let msg = crate::error_chain(&err);
     let expected = format!(
         "invalid config file {}: unknown field `vcpus`",
         file.path().display()
@@ -314,9 +326,9 @@ fn parse_error_names_file_and_field() {
 
 #[test]
 fn syntax_error() {
-    let msg = VmConfig::from_json("{\"boot-source\": ")
-        .unwrap_err()
-        .to_string();
+    let err = VmConfig::from_json("{\"boot-source\": ").unwrap_err();
+    assert_eq!(err.to_string(), "invalid config");
+    let msg = crate::error_chain(&err);
     assert!(msg.starts_with("invalid config: "), "{msg}");
     assert!(msg.contains("line 1"), "{msg}");
 }
@@ -473,6 +485,19 @@ fn missing_kernel() {
         "boot-source.kernel_image_path",
         &missing,
         "No such file or directory",
+    );
+    // The message names the field and the file; the OS error is its source.
+    let err = from_value(&value).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "boot-source.kernel_image_path: cannot open {} for reading",
+            missing.display()
+        )
+    );
+    assert_eq!(
+        msg,
+        format!("{err}: No such file or directory (os error 2)")
     );
 }
 
