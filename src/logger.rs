@@ -1,11 +1,25 @@
 //! kiln's logger: `log` records to stderr, or to the config's `logger.log_path`.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::Path;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use log::{LevelFilter, Log, Metadata, Record};
+
+/// Why the logger could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `logger.log_path` cannot be opened for appending.
+    #[error("cannot open logger.log_path {}", path.display())]
+    Open {
+        /// The path as written in the config.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
 
 struct Logger {
     file: Option<Mutex<File>>,
@@ -40,11 +54,19 @@ impl Log for Logger {
 }
 
 /// Installs the logger once per process; later calls only change the level.
-pub fn init(level: LevelFilter, path: Option<&Path>, show_origin: bool) -> std::io::Result<()> {
+pub fn init(level: LevelFilter, path: Option<&Path>, show_origin: bool) -> Result<(), Error> {
     let file = match path {
-        Some(p) => Some(Mutex::new(
-            OpenOptions::new().create(true).append(true).open(p)?,
-        )),
+        Some(p) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| Error::Open {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+            Some(Mutex::new(file))
+        }
         None => None,
     };
     let logger = Box::new(Logger { file, show_origin });

@@ -10,22 +10,9 @@ use clap::Parser;
 use kiln::cli::Cli;
 use kiln::config::VmConfig;
 use kiln::devices::legacy::serial::Stdout;
+use kiln::error_chain;
 use kiln::terminal::RawMode;
 use kiln::vmm::{ConsoleIo, Vmm};
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
-}
 
 fn fail(msg: &str) -> ExitCode {
     eprintln!("kiln: error: {msg}");
@@ -51,7 +38,7 @@ fn main() -> ExitCode {
         .and_then(|l| l.show_log_origin)
         .unwrap_or(false);
     if let Err(e) = kiln::logger::init(level, log_path, show_origin) {
-        return fail(&format!("cannot open logger.log_path: {e}"));
+        return fail(&error_chain(&e));
     }
     let config = match config {
         Ok(c) => c,

@@ -39,10 +39,34 @@ fn version_prints_the_crate_version() {
 fn missing_config_file_is_named() {
     let out = kiln(&["--config-file", "/nonexistent/vm.json"]);
     assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
-    assert!(
-        err.starts_with("kiln: error:") && err.contains("/nonexistent/vm.json"),
-        "{err}"
+    // The path, then the OS error, each once.
+    assert_eq!(
+        text(&out.stderr),
+        "kiln: error: cannot read config file /nonexistent/vm.json: \
+         No such file or directory (os error 2)\n"
+    );
+}
+
+#[test]
+fn unopenable_log_path_is_named() {
+    let dir = scratch("cli-log-path");
+    let path = dir.join("vm.json");
+    let log_path = dir.join("no-such-dir/kiln.log");
+    let kernel = dir.join("kernel");
+    std::fs::write(&kernel, "not booted: the logger fails first").unwrap();
+    let config = serde_json::json!({
+        "boot-source": { "kernel_image_path": kernel },
+        "logger": { "log_path": log_path }
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    let out = kiln(&["--config-file", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "kiln: error: cannot open logger.log_path {}: No such file or directory (os error 2)\n",
+            log_path.display()
+        )
     );
 }
 
