@@ -6,6 +6,8 @@
 //! fields are errors) and [`VmConfig::validate`] refuses what kiln cannot do
 //! yet instead of silently ignoring it.
 
+#[cfg(test)]
+mod schema_tests;
 mod sections;
 #[cfg(test)]
 mod tests;
@@ -196,6 +198,20 @@ pub struct VmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub mmds_config: Option<MmdsConfig>,
+    /// `pmem` (must be empty for now).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub pmem: Vec<PmemConfig>,
+    /// `memory-hotplug` (not supported yet).
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
 }
 
 /// Lets a section that has a default also be written as `null`.
@@ -267,6 +283,9 @@ impl VmConfig {
                 machine.huge_pages.as_str()
             ));
         }
+        if machine.gdb_socket_path.is_some() {
+            return unsupported("machine-config.gdb_socket_path");
+        }
         if let Some(template) = &machine.cpu_template {
             if template != "None" {
                 log::warn!("machine-config.cpu_template={template:?} is ignored by kiln");
@@ -294,6 +313,12 @@ impl VmConfig {
         }
         if self.mmds_config.is_some() {
             return unsupported("mmds-config");
+        }
+        if !self.pmem.is_empty() {
+            return unsupported("pmem");
+        }
+        if self.memory_hotplug.is_some() {
+            return unsupported("memory-hotplug");
         }
         Ok(())
     }
