@@ -283,6 +283,11 @@ impl VmConfig {
                 machine.huge_pages.as_str()
             ));
         }
+        // KVM would log dirty pages, but without diff snapshots nothing reads
+        // the log: the cost without the use.
+        if machine.track_dirty_pages {
+            return unsupported("machine-config.track_dirty_pages=true");
+        }
         if machine.gdb_socket_path.is_some() {
             return unsupported("machine-config.gdb_socket_path");
         }
@@ -294,6 +299,10 @@ impl VmConfig {
         for (index, drive) in self.drives.iter().enumerate() {
             if drive.socket.is_some() {
                 return unsupported(&format!("drives[{index}].socket"));
+            }
+            // kiln's block device does blocking I/O only (no io_uring).
+            if drive.io_engine == Some(IoEngine::Async) {
+                return unsupported(&format!("drives[{index}].io_engine=Async"));
             }
         }
         if !self.network_interfaces.is_empty() {

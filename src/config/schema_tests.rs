@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use serde_json::{json, Value};
 
-use super::tests::{err_of, from_value, set, Files};
+use super::tests::{drive, err_of, from_value, set, Files};
 use super::*;
 
 /// Every top-level section of Firecracker's `VmmConfig` except the
@@ -371,6 +371,38 @@ fn unsupported_huge_pages_and_vhost_user() {
     let mut value = files.supported();
     value["drives"][0]["socket"] = json!("/tmp/vhost.sock");
     assert_eq!(err_of(&value), "not supported yet: drives[0].socket");
+}
+
+#[test]
+fn io_engine_async_refused() {
+    let files = Files::new();
+    let mut value = files.supported();
+    value["drives"][0]["io_engine"] = json!("Sync");
+    from_value(&value).unwrap();
+    let mut data = drive(&files, "data", false);
+    data["io_engine"] = json!("Async");
+    value["drives"] = json!([value["drives"][0].clone(), data]);
+    assert_eq!(
+        err_of(&value),
+        "not supported yet: drives[1].io_engine=Async"
+    );
+}
+
+#[test]
+fn track_dirty_pages_true_refused() {
+    let files = Files::new();
+    let value = set(
+        files.minimal(),
+        "machine-config",
+        "track_dirty_pages",
+        json!(false),
+    );
+    from_value(&value).unwrap();
+    let value = set(value, "machine-config", "track_dirty_pages", json!(true));
+    assert_eq!(
+        err_of(&value),
+        "not supported yet: machine-config.track_dirty_pages=true"
+    );
 }
 
 #[test]

@@ -80,7 +80,8 @@ pub struct MachineConfig {
     /// Simultaneous multithreading (two threads per core) in the guest.
     #[serde(default)]
     pub smt: bool,
-    /// Track dirty pages (for diff snapshots in Firecracker).
+    /// Track dirty pages (for diff snapshots in Firecracker). kiln takes no
+    /// snapshots, so nothing would read the log: only `false` is accepted.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Page size backing guest memory.
@@ -184,7 +185,8 @@ pub struct BlockDeviceConfig {
     /// Flush behaviour.
     #[serde(default)]
     pub cache_type: CacheType,
-    /// Host I/O engine; `None` means the default (`Sync`).
+    /// Host I/O engine; `None` means the default (`Sync`), the only one
+    /// kiln has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<IoEngine>,
     /// Rate limiter, accepted as any JSON object.
