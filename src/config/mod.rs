@@ -226,16 +226,22 @@ where
 impl VmConfig {
     /// Reads, parses and validates the file.
     pub fn from_file(path: &Path) -> Result<VmConfig, Error> {
+        let config = VmConfig::parse_file(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses the file without validating it, so that the
+    /// `logger` section can be set up before [`VmConfig::validate`] logs.
+    pub fn parse_file(path: &Path) -> Result<VmConfig, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: VmConfig = serde_json::from_str(&text).map_err(|source| Error::ParseFile {
+        serde_json::from_str(&text).map_err(|source| Error::ParseFile {
             path: path.to_path_buf(),
             source,
-        })?;
-        config.validate()?;
-        Ok(config)
+        })
     }
 
     /// Parses and validates JSON text (no file reads except the
