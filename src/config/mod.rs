@@ -310,6 +310,14 @@ impl VmConfig {
             if drive.io_engine == Some(IoEngine::Async) {
                 return unsupported(&format!("drives[{index}].io_engine=Async"));
             }
+            // As in Firecracker, partuuid only says where the root
+            // filesystem is; say so rather than drop it without a word.
+            if let (Some(uuid), false) = (&drive.partuuid, drive.is_root_device) {
+                log::warn!(
+                    "drives[{index}].partuuid={uuid:?} is ignored: drive {:?} is not the root device",
+                    drive.drive_id
+                );
+            }
         }
         if !self.network_interfaces.is_empty() {
             return unsupported("network-interfaces");

@@ -431,6 +431,17 @@ fn gdb_socket_path_refused() {
 }
 
 #[test]
+fn partuuid_on_a_data_drive_is_accepted() {
+    // Firecracker ignores it there; kiln does too, with a warning.
+    let files = Files::new();
+    let mut data = drive(&files, "data", false);
+    data["partuuid"] = json!("0eaa91a0-01");
+    let value = set(files.supported(), "drives", "", json!([data]));
+    let config = from_value(&value).unwrap();
+    assert_eq!(config.drives[0].partuuid.as_deref(), Some("0eaa91a0-01"));
+}
+
+#[test]
 fn cpu_template_is_accepted() {
     let files = Files::new();
     let value = set(

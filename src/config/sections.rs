@@ -179,7 +179,9 @@ pub struct BlockDeviceConfig {
     /// absent or `null` means read-write.
     #[serde(default, deserialize_with = "super::null_as_default")]
     pub is_read_only: bool,
-    /// Partition UUID of the root partition (used with `is_root_device`).
+    /// Partition UUID of the root partition: the kernel gets
+    /// `root=PARTUUID=...` instead of `root=/dev/vdX`. Only meaningful with
+    /// `is_root_device`; on another drive it is ignored with a warning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partuuid: Option<String>,
     /// Flush behaviour.
