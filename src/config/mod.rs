@@ -214,7 +214,8 @@ pub struct VmConfig {
     pub memory_hotplug: Option<MemoryHotplugConfig>,
 }
 
-/// Lets a section that has a default also be written as `null`.
+/// Lets a section or field that has a default also be written as `null`
+/// (Firecracker writes `null` for absent optional values).
 fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,

@@ -4,9 +4,9 @@
 //! (`src/vmm/src/resources.rs` and the section structs in
 //! `src/vmm/src/vmm_config/`) so that existing `--config-file` JSON
 //! deserializes unchanged; where Firecracker takes `null` for a field, kiln
-//! does too. Every
-//! struct denies unknown fields: a typo must be an error, not silently
-//! ignored. Semantic checks live in [`super::VmConfig::validate`].
+//! does too. Every struct denies unknown fields: a typo must be an error,
+//! not silently ignored. Semantic checks live in
+//! [`super::VmConfig::validate`].
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -327,13 +327,14 @@ pub struct LoggerConfig {
     /// Maximum level to log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<LogLevel>,
-    /// Prefix each line with its level.
+    /// Prefix each line with its level (absent means yes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_level: Option<bool>,
     /// Prefix each line with its source file and line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_log_origin: Option<bool>,
-    /// Only log messages from this module path.
+    /// Only log messages from this module path and the modules inside it,
+    /// e.g. `kiln::devices`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
 }
