@@ -10,22 +10,9 @@ use clap::Parser;
 use kiln::cli::Cli;
 use kiln::config::VmConfig;
 use kiln::devices::legacy::serial::Stdout;
+use kiln::error_chain;
 use kiln::terminal::RawMode;
 use kiln::vmm::{ConsoleIo, Vmm};
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
-}
 
 fn fail(msg: &str) -> ExitCode {
     eprintln!("kiln: error: {msg}");
@@ -34,26 +21,15 @@ fn fail(msg: &str) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = VmConfig::from_file(&cli.config_file);
-    let logger = config.as_ref().ok().and_then(|c| c.logger.clone());
-    let level = cli
-        .log_level
-        .map(|l| l.filter())
-        .or_else(|| {
-            logger
-                .as_ref()
-                .and_then(|l| l.level.map(|l| l.to_level_filter()))
-        })
-        .unwrap_or(log::LevelFilter::Warn);
-    let log_path = logger.as_ref().and_then(|l| l.log_path.as_deref());
-    let show_origin = logger
-        .as_ref()
-        .and_then(|l| l.show_log_origin)
-        .unwrap_or(false);
-    if let Err(e) = kiln::logger::init(level, log_path, show_origin) {
-        return fail(&format!("cannot open logger.log_path: {e}"));
+    // The logger comes first, from the parsed config, so that validation's
+    // warnings reach it.
+    let config = VmConfig::parse_file(&cli.config_file);
+    let logger = config.as_ref().ok().and_then(|c| c.logger.as_ref());
+    let log_options = kiln::logger::Options::new(logger, cli.log_level.map(|l| l.filter()));
+    if let Err(e) = kiln::logger::init(&log_options) {
+        return fail(&error_chain(&e));
     }
-    let config = match config {
+    let config = match config.and_then(|c| c.validate().map(|()| c)) {
         Ok(c) => c,
         Err(e) => return fail(&error_chain(&e)),
     };

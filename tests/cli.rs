@@ -39,11 +39,36 @@ fn version_prints_the_crate_version() {
 fn missing_config_file_is_named() {
     let out = kiln(&["--config-file", "/nonexistent/vm.json"]);
     assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
-    assert!(
-        err.starts_with("kiln: error:") && err.contains("/nonexistent/vm.json"),
-        "{err}"
+    // The path, then the OS error, each once.
+    assert_eq!(
+        text(&out.stderr),
+        "kiln: error: cannot read config file /nonexistent/vm.json: \
+         No such file or directory (os error 2)\n"
     );
+}
+
+#[test]
+fn unopenable_log_path_is_named() {
+    let dir = scratch("cli-log-path");
+    let path = dir.join("vm.json");
+    let log_path = dir.join("no-such-dir/kiln.log");
+    let kernel = dir.join("kernel");
+    std::fs::write(&kernel, "not booted: the logger fails first").unwrap();
+    let config = serde_json::json!({
+        "boot-source": { "kernel_image_path": kernel },
+        "logger": { "log_path": log_path }
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    let out = kiln(&["--config-file", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "kiln: error: cannot open logger.log_path {}: No such file or directory (os error 2)\n",
+            log_path.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -86,4 +111,52 @@ fn kernel_that_is_not_a_kernel_is_named() {
         err.contains("kernel.elf") && err.contains("bzImage"),
         "{err}"
     );
+}
+
+/// Runs kiln on a config whose kernel is missing (so it stops after
+/// validation) with `machine-config.cpu_template` set, which kiln warns
+/// about, and this `logger` section; returns stderr.
+fn cpu_template_warning(name: &str, logger: serde_json::Value) -> String {
+    let dir = scratch(name);
+    let path = dir.join("vm.json");
+    let config = serde_json::json!({
+        "boot-source": { "kernel_image_path": dir.join("no-kernel") },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "C3" },
+        "logger": logger
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    let out = kiln(&["--config-file", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("kiln: error: boot-source.kernel_image_path"),
+        "{err}"
+    );
+    err
+}
+
+#[test]
+fn validation_warnings_reach_the_log_as_the_logger_section_says() {
+    let warning = "machine-config.cpu_template=\"C3\" is ignored by kiln\n";
+    let err = cpu_template_warning("cli-warn-default", serde_json::Value::Null);
+    assert!(err.starts_with(&format!("[kiln WARN] {warning}")), "{err}");
+
+    let err = cpu_template_warning(
+        "cli-warn-no-level",
+        serde_json::json!({ "show_level": false }),
+    );
+    assert!(err.starts_with(&format!("[kiln] {warning}")), "{err}");
+
+    let err = cpu_template_warning(
+        "cli-warn-module",
+        serde_json::json!({ "module": "kiln::config" }),
+    );
+    assert!(err.starts_with(&format!("[kiln WARN] {warning}")), "{err}");
+
+    let err = cpu_template_warning(
+        "cli-warn-other",
+        serde_json::json!({ "module": "kiln::devices" }),
+    );
+    assert!(!err.contains("cpu_template"), "{err}");
 }

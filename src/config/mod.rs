@@ -6,6 +6,8 @@
 //! fields are errors) and [`VmConfig::validate`] refuses what kiln cannot do
 //! yet instead of silently ignoring it.
 
+#[cfg(test)]
+mod schema_tests;
 mod sections;
 #[cfg(test)]
 mod tests;
@@ -35,7 +37,7 @@ const MIB: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The config file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}", path.display())]
     ReadFile {
         /// The config file.
         path: PathBuf,
@@ -44,9 +46,9 @@ pub enum Error {
         source: io::Error,
     },
     /// The config file is not valid JSON for the schema (syntax, unknown
-    /// field, wrong type, missing field); serde's message says which field
-    /// and where.
-    #[error("invalid config file {}: {source}", path.display())]
+    /// field, wrong type, missing field); serde's message, the source, says
+    /// which field and where.
+    #[error("invalid config file {}", path.display())]
     ParseFile {
         /// The config file.
         path: PathBuf,
@@ -55,7 +57,7 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// Same as [`Error::ParseFile`] for JSON given as text.
-    #[error("invalid config: {0}")]
+    #[error("invalid config")]
     Parse(#[source] serde_json::Error),
     /// The config asks for something kiln does not implement yet; the
     /// message is `not supported yet: <section or field>`.
@@ -87,7 +89,7 @@ pub enum Error {
         guest_limit_mib: u64,
     },
     /// A file named by the config cannot be opened as needed.
-    #[error("{field}: cannot open {} for {access}: {source}", path.display())]
+    #[error("{field}: cannot open {} for {access}", path.display())]
     File {
         /// The field naming the file, e.g. `drives[0].path_on_host (drive_id "rootfs")`.
         field: String,
@@ -196,9 +198,24 @@ pub struct VmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub mmds_config: Option<MmdsConfig>,
+    /// `pmem` (must be empty for now).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub pmem: Vec<PmemConfig>,
+    /// `memory-hotplug` (not supported yet).
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
 }
 
-/// Lets a section that has a default also be written as `null`.
+/// Lets a section or field that has a default also be written as `null`
+/// (Firecracker writes `null` for absent optional values).
 fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
@@ -210,16 +227,22 @@ where
 impl VmConfig {
     /// Reads, parses and validates the file.
     pub fn from_file(path: &Path) -> Result<VmConfig, Error> {
+        let config = VmConfig::parse_file(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses the file without validating it, so that the
+    /// `logger` section can be set up before [`VmConfig::validate`] logs.
+    pub fn parse_file(path: &Path) -> Result<VmConfig, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: VmConfig = serde_json::from_str(&text).map_err(|source| Error::ParseFile {
+        serde_json::from_str(&text).map_err(|source| Error::ParseFile {
             path: path.to_path_buf(),
             source,
-        })?;
-        config.validate()?;
-        Ok(config)
+        })
     }
 
     /// Parses and validates JSON text (no file reads except the
@@ -267,6 +290,14 @@ impl VmConfig {
                 machine.huge_pages.as_str()
             ));
         }
+        // KVM would log dirty pages, but without diff snapshots nothing reads
+        // the log: the cost without the use.
+        if machine.track_dirty_pages {
+            return unsupported("machine-config.track_dirty_pages=true");
+        }
+        if machine.gdb_socket_path.is_some() {
+            return unsupported("machine-config.gdb_socket_path");
+        }
         if let Some(template) = &machine.cpu_template {
             if template != "None" {
                 log::warn!("machine-config.cpu_template={template:?} is ignored by kiln");
@@ -275,6 +306,18 @@ impl VmConfig {
         for (index, drive) in self.drives.iter().enumerate() {
             if drive.socket.is_some() {
                 return unsupported(&format!("drives[{index}].socket"));
+            }
+            // kiln's block device does blocking I/O only (no io_uring).
+            if drive.io_engine == Some(IoEngine::Async) {
+                return unsupported(&format!("drives[{index}].io_engine=Async"));
+            }
+            // As in Firecracker, partuuid only says where the root
+            // filesystem is; say so rather than drop it without a word.
+            if let (Some(uuid), false) = (&drive.partuuid, drive.is_root_device) {
+                log::warn!(
+                    "drives[{index}].partuuid={uuid:?} is ignored: drive {:?} is not the root device",
+                    drive.drive_id
+                );
             }
         }
         if !self.network_interfaces.is_empty() {
@@ -294,6 +337,12 @@ impl VmConfig {
         }
         if self.mmds_config.is_some() {
             return unsupported("mmds-config");
+        }
+        if !self.pmem.is_empty() {
+            return unsupported("pmem");
+        }
+        if self.memory_hotplug.is_some() {
+            return unsupported("memory-hotplug");
         }
         Ok(())
     }

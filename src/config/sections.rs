@@ -1,10 +1,14 @@
 //! The sections of a Firecracker-style config file, one struct per section.
 //!
-//! Field names, types and defaults follow Firecracker's `FullVmConfiguration`
-//! schema so that existing `--config-file` JSON deserializes unchanged. Every
-//! struct denies unknown fields: a typo must be an error, not silently
-//! ignored. Semantic checks live in [`super::VmConfig::validate`].
+//! Field names, types and defaults follow Firecracker's `VmmConfig`
+//! (`src/vmm/src/resources.rs` and the section structs in
+//! `src/vmm/src/vmm_config/`) so that existing `--config-file` JSON
+//! deserializes unchanged; where Firecracker takes `null` for a field, kiln
+//! does too. Every struct denies unknown fields: a typo must be an error,
+//! not silently ignored. Semantic checks live in
+//! [`super::VmConfig::validate`].
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -76,7 +80,8 @@ pub struct MachineConfig {
     /// Simultaneous multithreading (two threads per core) in the guest.
     #[serde(default)]
     pub smt: bool,
-    /// Track dirty pages (for diff snapshots in Firecracker).
+    /// Track dirty pages (for diff snapshots in Firecracker). kiln takes no
+    /// snapshots, so nothing would read the log: only `false` is accepted.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Page size backing guest memory.
@@ -86,6 +91,10 @@ pub struct MachineConfig {
     /// existing configs load, but ignored by kiln (a warning is logged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
+    /// Unix socket for a GDB server (Firecracker built with its `gdb`
+    /// feature); not supported by kiln yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gdb_socket_path: Option<PathBuf>,
 }
 
 impl Default for MachineConfig {
@@ -97,6 +106,7 @@ impl Default for MachineConfig {
             track_dirty_pages: false,
             huge_pages: HugePages::None,
             cpu_template: None,
+            gdb_socket_path: None,
         }
     }
 }
@@ -159,22 +169,26 @@ pub struct BlockDeviceConfig {
     /// Unique, non-empty name of the drive.
     pub drive_id: String,
     /// Host file or block device backing the drive. Firecracker omits it for
-    /// vhost-user drives (`socket`), hence the default; validation requires
-    /// it for every drive kiln supports.
-    #[serde(default)]
+    /// vhost-user drives (`socket`, and writes `null` there), hence the
+    /// default; validation requires it for every drive kiln supports.
+    #[serde(default, deserialize_with = "super::null_as_default")]
     pub path_on_host: PathBuf,
     /// Whether this drive holds the root filesystem (at most one may).
     pub is_root_device: bool,
-    /// Open the backing file read-only and advertise the disk as read-only.
-    #[serde(default)]
+    /// Open the backing file read-only and advertise the disk as read-only;
+    /// absent or `null` means read-write.
+    #[serde(default, deserialize_with = "super::null_as_default")]
     pub is_read_only: bool,
-    /// Partition UUID of the root partition (used with `is_root_device`).
+    /// Partition UUID of the root partition: the kernel gets
+    /// `root=PARTUUID=...` instead of `root=/dev/vdX`. Only meaningful with
+    /// `is_root_device`; on another drive it is ignored with a warning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partuuid: Option<String>,
     /// Flush behaviour.
     #[serde(default)]
     pub cache_type: CacheType,
-    /// Host I/O engine; `None` means the default (`Sync`).
+    /// Host I/O engine; `None` means the default (`Sync`), the only one
+    /// kiln has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<IoEngine>,
     /// Rate limiter, accepted as any JSON object.
@@ -248,7 +262,8 @@ pub struct BalloonConfig {
     pub free_page_reporting: bool,
 }
 
-/// `logger.level`. Parsed case-insensitively, as Firecracker does.
+/// `logger.level`. Parsed case-insensitively, as Firecracker does, which
+/// also takes `Warn` for `Warning`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum LogLevel {
     /// Errors only.
@@ -284,7 +299,7 @@ impl LogLevel {
     pub fn from_name(name: &str) -> Option<LogLevel> {
         let level = match name.to_ascii_lowercase().as_str() {
             "error" => LogLevel::Error,
-            "warning" => LogLevel::Warning,
+            "warning" | "warn" => LogLevel::Warning,
             "info" => LogLevel::Info,
             "debug" => LogLevel::Debug,
             "trace" => LogLevel::Trace,
@@ -312,13 +327,14 @@ pub struct LoggerConfig {
     /// Maximum level to log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<LogLevel>,
-    /// Prefix each line with its level.
+    /// Prefix each line with its level (absent means yes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_level: Option<bool>,
     /// Prefix each line with its source file and line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_log_origin: Option<bool>,
-    /// Only log messages from this module path.
+    /// Only log messages from this module path and the modules inside it,
+    /// e.g. `kiln::devices`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
 }
@@ -329,6 +345,12 @@ pub struct LoggerConfig {
 pub struct MetricsConfig {
     /// File or named pipe for the metrics.
     pub metrics_path: PathBuf,
+    /// Put the microVM's instance id on every metrics line.
+    #[serde(default)]
+    pub emit_id: bool,
+    /// Key-value pairs put on every metrics line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<BTreeMap<String, String>>,
 }
 
 /// `mmds-config.version`.
@@ -356,4 +378,39 @@ pub struct MmdsConfig {
     /// Answer in EC2 IMDS style.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_compat: Option<bool>,
+}
+
+/// One entry of `pmem`: a virtio-pmem device (not supported yet).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmemConfig {
+    /// Unique name of the device.
+    pub id: String,
+    /// Host file mapped into the guest.
+    pub path_on_host: PathBuf,
+    /// Whether the guest's root filesystem is on this device.
+    #[serde(default)]
+    pub root_device: bool,
+    /// Map the file read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Rate limiter for flushes, accepted as any JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `memory-hotplug`: a virtio-mem device (not supported yet).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugConfig {
+    /// Memory the guest can have plugged, in MiB.
+    pub total_size_mib: u32,
+    /// Smallest unit the guest plugs and unplugs, in MiB (Firecracker's
+    /// default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size_mib: Option<u32>,
+    /// Smallest unit the host attaches, in MiB (Firecracker's default when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_size_mib: Option<u32>,
 }

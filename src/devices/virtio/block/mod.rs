@@ -66,14 +66,16 @@ pub struct BlockOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open disk image {}: {source}", path.display())]
+    #[error("cannot open disk image {}", path.display())]
     Open {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot get the size of disk image {}: {source}", path.display())]
+    #[error("cannot get the size of disk image {}", path.display())]
     Size {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("size of disk image {} ({size} bytes) is not a multiple of 512", path.display())]

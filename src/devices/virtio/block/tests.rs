@@ -229,7 +229,10 @@ fn construction_errors() {
         ..opts(&img, true, CacheMode::Unsafe)
     };
     let err = Block::new(missing).err().unwrap();
-    assert!(err.to_string().contains("/nonexistent/kiln.img"));
+    assert_eq!(
+        crate::error_chain(&err),
+        "cannot open disk image /nonexistent/kiln.img: No such file or directory (os error 2)"
+    );
     let img = TempImage::new(512);
     let long = BlockOptions {
         drive_id: "x".repeat(21),
