@@ -136,6 +136,27 @@ pub enum Error {
         /// The second root drive's id.
         second: String,
     },
+    /// `vsock.guest_cid` is a reserved address.
+    #[error(
+        "vsock.guest_cid must be between 3 and {max} (0-2 and {reserved} are reserved), got {cid}",
+        max = u32::MAX - 1,
+        reserved = u32::MAX
+    )]
+    VsockCid {
+        /// The value given.
+        cid: u32,
+    },
+    /// `vsock.uds_path` cannot be a socket path.
+    #[error(
+        "vsock.uds_path {path:?} must be non-empty and at most {max} bytes, so that \
+         `<uds_path>_<port>` fits a UNIX socket address"
+    )]
+    VsockPath {
+        /// The path given.
+        path: PathBuf,
+        /// The longest path kiln accepts.
+        max: usize,
+    },
     /// A NUL byte in the kernel command line (it would truncate it).
     #[error("boot-source.boot_args must not contain a NUL byte, found one at byte {offset}")]
     BootArgsNul {
@@ -277,6 +298,9 @@ impl VmConfig {
         for (index, drive) in self.drives.iter().enumerate() {
             drive.check_file(index)?;
         }
+        if let Some(vsock) = &self.vsock {
+            vsock.check()?;
+        }
         Ok(())
     }
 
@@ -322,9 +346,6 @@ impl VmConfig {
         }
         if !self.network_interfaces.is_empty() {
             return unsupported("network-interfaces");
-        }
-        if self.vsock.is_some() {
-            return unsupported("vsock");
         }
         if self.balloon.is_some() {
             return unsupported("balloon");
@@ -377,6 +398,33 @@ impl BootSource {
         )?;
         if let Some(initrd) = &self.initrd_path {
             check_file("boot-source.initrd_path".to_string(), initrd, false)?;
+        }
+        Ok(())
+    }
+}
+
+/// The longest `vsock.uds_path`: `<uds_path>_<port>` (up to 11 bytes more)
+/// must fit the 107 bytes of a UNIX socket address.
+pub const MAX_VSOCK_PATH: usize = 107 - "_4294967295".len();
+
+impl VsockConfig {
+    fn check(&self) -> Result<(), Error> {
+        // §5.10.4: 0, 1 and 2 are the hypervisor, local and host; u32::MAX
+        // is VMADDR_CID_ANY.
+        if self.guest_cid < 3 || self.guest_cid == u32::MAX {
+            return Err(Error::VsockCid {
+                cid: self.guest_cid,
+            });
+        }
+        let len = self.uds_path.as_os_str().len();
+        if len == 0 || len > MAX_VSOCK_PATH {
+            return Err(Error::VsockPath {
+                path: self.uds_path.clone(),
+                max: MAX_VSOCK_PATH,
+            });
+        }
+        if self.vsock_id.is_some() {
+            log::warn!("vsock.vsock_id is ignored (Firecracker deprecated it)");
         }
         Ok(())
     }

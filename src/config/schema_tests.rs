@@ -263,10 +263,6 @@ fn unsupported_sections() {
             json!([{ "iface_id": "eth0", "host_dev_name": "tap0" }]),
         ),
         (
-            "vsock",
-            json!({ "guest_cid": 3, "uds_path": "/tmp/v.sock" }),
-        ),
-        (
             "balloon",
             json!({ "amount_mib": 0, "deflate_on_oom": true }),
         ),
@@ -452,4 +448,38 @@ fn cpu_template_is_accepted() {
     );
     let config = from_value(&value).unwrap();
     assert_eq!(config.machine_config.cpu_template.as_deref(), Some("C3"));
+}
+
+#[test]
+fn vsock_section_is_checked() {
+    let files = Files::new();
+    let ok = set(
+        files.minimal(),
+        "vsock",
+        "",
+        json!({ "guest_cid": 3, "uds_path": "/tmp/v.sock" }),
+    );
+    let config = from_value(&ok).unwrap();
+    assert_eq!(config.vsock.unwrap().guest_cid, 3);
+    for cid in [0u64, 1, 2, u64::from(u32::MAX)] {
+        let v = set(ok.clone(), "vsock", "guest_cid", json!(cid));
+        let msg = err_of(&v);
+        assert!(
+            msg.starts_with("vsock.guest_cid must be between 3 and")
+                && msg.ends_with(&format!("got {cid}")),
+            "{msg}"
+        );
+    }
+    let v = set(ok.clone(), "vsock", "guest_cid", json!(-1));
+    assert!(err_of(&v).contains("guest_cid"), "{}", err_of(&v));
+    for path in [String::new(), format!("/{}", "x".repeat(MAX_VSOCK_PATH))] {
+        let v = set(ok.clone(), "vsock", "uds_path", json!(path));
+        let msg = err_of(&v);
+        assert!(
+            msg.starts_with("vsock.uds_path") && msg.contains("at most 96 bytes"),
+            "{msg}"
+        );
+    }
+    let longest = format!("/{}", "x".repeat(MAX_VSOCK_PATH - 1));
+    assert!(from_value(&set(ok, "vsock", "uds_path", json!(longest))).is_ok());
 }

@@ -142,6 +142,14 @@ fn de_mem_size_mib<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, 
     )
 }
 
+fn de_guest_cid<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    de_number(
+        deserializer,
+        "vsock.guest_cid",
+        &format!("between 3 and {}", u32::MAX - 1),
+    )
+}
+
 /// `drives[].cache_type`: whether guest flushes reach the host disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub enum CacheType {
@@ -226,6 +234,7 @@ pub struct NetworkInterfaceConfig {
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     /// Guest context ID (3 or more).
+    #[serde(deserialize_with = "de_guest_cid")]
     pub guest_cid: u32,
     /// Host Unix socket path.
     pub uds_path: PathBuf,

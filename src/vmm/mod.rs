@@ -28,6 +28,7 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{Output, SerialDevice, SerialInput};
 use crate::devices::virtio::block::{self, Block};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{self, Vsock, VsockOptions};
 use crate::devices::virtio::{
     self, BlockOptions, CacheMode, MmioTransport, VirtioDevice, VirtioMmioDevice,
 };
@@ -83,6 +84,8 @@ pub enum Error {
         #[source]
         source: virtio::Error,
     },
+    #[error("cannot create the vsock device")]
+    Vsock(#[source] vsock::Error),
     #[error("cannot create drive {drive_id:?}")]
     Block {
         drive_id: String,
@@ -292,6 +295,13 @@ impl Vmm {
         }
         if config.entropy.is_some() {
             virtio.attach("entropy", Rng::new())?;
+        }
+        if let Some(v) = &config.vsock {
+            let opts = VsockOptions {
+                guest_cid: v.guest_cid,
+                uds_path: v.uds_path.clone(),
+            };
+            virtio.attach("vsock", Vsock::new(&opts).map_err(Error::Vsock)?)?;
         }
         let devices = virtio.devices;
         if let Some(extra) = quirks::cmdline_additions(&cmdline) {

@@ -24,6 +24,7 @@ pub mod mmio;
 pub mod queue;
 pub mod rng;
 pub mod subscriber;
+pub mod vsock;
 
 #[cfg(test)]
 pub(crate) mod test_utils;
@@ -87,6 +88,8 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     /// §5.4 entropy device.
     pub const RNG: u32 = 4;
+    /// §5.10 socket device.
+    pub const VSOCK: u32 = 19;
 }
 
 /// Low 32 bits of a 64-bit register pair.
@@ -324,6 +327,12 @@ impl<D: VirtioDevice + ?Sized> Slot<D> {
     /// Whether the driver set DRIVER_OK and has not reset the device since.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// The device and its active state, for work that comes from outside
+    /// the event loop (e.g. a transport reset after a snapshot restore).
+    pub fn parts(&mut self) -> (&mut D, Option<&mut Active>) {
+        (&mut self.device, self.active.as_mut())
     }
 
     pub(crate) fn activate(&mut self, active: Active) {
