@@ -158,6 +158,9 @@ pub struct Conn {
     /// Data may be waiting in the host stream.
     host_readable: bool,
     tx: TxBuf,
+    /// Bytes at the front of `tx` that are kiln's own (the `OK <port>`
+    /// line), not guest data: they do not count in `fwd_cnt`.
+    tx_own: usize,
     /// Guest bytes received (what the guest counts as sent).
     recv_cnt: Wrapping<u32>,
     /// Guest bytes passed on to the host stream (our `fwd_cnt`).
@@ -198,6 +201,7 @@ impl Conn {
             host_hup: false,
             host_readable: false,
             tx: TxBuf::default(),
+            tx_own: 0,
             recv_cnt: Wrapping(0),
             fwd_cnt: Wrapping(0),
             fwd_told: Wrapping(0),
@@ -338,7 +342,9 @@ impl Conn {
     fn flush_tx(&mut self) -> Verdict {
         match self.tx.flush(&mut self.stream) {
             Ok(n) => {
-                self.forwarded(n);
+                let own = n.min(self.tx_own);
+                self.tx_own -= own;
+                self.forwarded(n - own);
                 self.after_tx_progress()
             }
             Err(_) => Verdict::Reset,
@@ -387,8 +393,9 @@ impl Conn {
                 self.state = State::Established;
                 self.deadline = None;
                 // Firecracker's acknowledgement to the host client.
-                self.tx
-                    .push_bytes(format!("OK {}\n", self.local_port).as_bytes());
+                let ok = format!("OK {}\n", self.local_port);
+                self.tx.push_bytes(ok.as_bytes());
+                self.tx_own = ok.len();
                 self.flush_tx()
             }
             (State::Connecting, _) => Verdict::Reset,

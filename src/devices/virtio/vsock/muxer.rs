@@ -217,6 +217,7 @@ impl Muxer {
         hdr: &Header,
         data: Option<&VolatileSlice<'_, B>>,
     ) {
+        log::trace!("vsock: from guest {hdr:?}");
         if hdr.src_cid != self.guest_cid {
             // Not from the guest's address: nobody to answer.
             debug!("vsock: packet from CID {} dropped", hdr.src_cid);
@@ -352,6 +353,7 @@ impl Muxer {
             conn.queued = false;
             match conn.produce(hdr, data) {
                 Produced::Packet(len) => {
+                    log::trace!("vsock: to guest {hdr:?}, {len} bytes");
                     self.touch(key);
                     produced = Some(len);
                     break;
@@ -375,6 +377,7 @@ impl Muxer {
 
     /// One of the muxer's fds (`token`) is ready.
     pub fn host_event(&mut self, token: u32, events: EventSet) {
+        log::trace!("vsock: fd {token} ready: {events:?}");
         let Ok(fd) = RawFd::try_from(token) else {
             return;
         };

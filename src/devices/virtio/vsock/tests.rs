@@ -255,11 +255,13 @@ fn host_initiated_connection_carries_data_both_ways() {
     let mut got = [0u8; 14];
     client.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"from the guest");
-    // host -> guest
+    // host -> guest; fwd_cnt counts the guest's bytes only (not the OK
+    // line, or the guest would believe it has negative credit).
     client.write_all(b"from the host").unwrap();
     let (rw, data) = h.expect_rx();
     assert_eq!((rw.op, rw.src_port, rw.dst_port), (OP_RW, req.src_port, 52));
     assert_eq!(data, b"from the host");
+    assert_eq!(rw.fwd_cnt, 14);
 }
 
 #[test]

@@ -1,0 +1,215 @@
+/*
+ * kiln-vsock: the guest side of kiln's vsock tests and benchmark (static,
+ * built by tools/build-rootfs into /bin/kiln-vsock).
+ *
+ *   kiln-vsock serve PORT [COUNT]
+ *       Listens on vsock PORT and serves COUNT connections (default:
+ *       forever), one at a time. Each starts with a command line:
+ *         ECHO\n             every byte read is written back, until EOF
+ *         SINK\n             reads until EOF, answers "<bytes> <fnv1a64>\n"
+ *         SOURCE <n> <seed>\n  writes n pattern bytes, then closes
+ *       Prints "LISTENING <port>" once listening.
+ *   kiln-vsock connect PORT echo SIZE
+ *       Connects to the host (CID 2) at PORT, sends SIZE pattern bytes while
+ *       reading them back, checks they match, prints "ECHO-OK <bytes>".
+ *   kiln-vsock connect PORT send SIZE SEED
+ *       Connects to the host, writes SIZE pattern bytes, shuts down its
+ *       write side, prints the host's one-line answer ("REPLY <line>").
+ *   kiln-vsock connect PORT probe
+ *       Connects and prints "CONNECT-OK" or "CONNECT-ERR=<errno name>".
+ *
+ * The pattern byte i of seed s is (i * 31 + s) & 0xff, the same on the
+ * host side (tests/vsock.rs, tools/bench-vsock).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+
+#define BUF (64 * 1024)
+static unsigned char buf[BUF], buf2[BUF];
+
+static void die(const char *what) {
+    fprintf(stderr, "kiln-vsock: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static uint64_t fnv1a(uint64_t h, const unsigned char *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+static void pattern(unsigned char *p, size_t n, uint64_t offset, unsigned seed) {
+    for (size_t i = 0; i < n; i++)
+        p[i] = (unsigned char)((offset + i) * 31 + seed);
+}
+
+static void write_all(int fd, const unsigned char *p, size_t n) {
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            die("write");
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Reads one line (without the newline) a byte at a time. */
+static int read_line(int fd, char *line, size_t max) {
+    size_t n = 0;
+    while (n + 1 < max) {
+        char c;
+        ssize_t r = read(fd, &c, 1);
+        if (r <= 0)
+            return -1;
+        if (c == '\n')
+            break;
+        line[n++] = c;
+    }
+    line[n] = 0;
+    return 0;
+}
+
+static void serve_one(int c) {
+    char line[64];
+    if (read_line(c, line, sizeof line) < 0)
+        return;
+    if (strcmp(line, "ECHO") == 0) {
+        ssize_t r;
+        while ((r = read(c, buf, BUF)) > 0)
+            write_all(c, buf, (size_t)r);
+    } else if (strcmp(line, "SINK") == 0) {
+        uint64_t h = 0xcbf29ce484222325ULL, total = 0;
+        ssize_t r;
+        while ((r = read(c, buf, BUF)) > 0) {
+            h = fnv1a(h, buf, (size_t)r);
+            total += (uint64_t)r;
+        }
+        if (r < 0)
+            die("read");
+        int n = snprintf(line, sizeof line, "%llu %016llx\n",
+                         (unsigned long long)total, (unsigned long long)h);
+        write_all(c, (unsigned char *)line, (size_t)n);
+    } else {
+        unsigned long long n;
+        unsigned seed;
+        if (sscanf(line, "SOURCE %llu %u", &n, &seed) != 2)
+            return;
+        for (uint64_t off = 0; off < n;) {
+            size_t k = n - off < BUF ? (size_t)(n - off) : BUF;
+            pattern(buf, k, off, seed);
+            write_all(c, buf, k);
+            off += k;
+        }
+    }
+}
+
+static int serve(unsigned port, long count) {
+    int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (s < 0)
+        die("socket");
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_port = port, .svm_cid = VMADDR_CID_ANY};
+    if (bind(s, (struct sockaddr *)&a, sizeof a) < 0)
+        die("bind");
+    if (listen(s, 8) < 0)
+        die("listen");
+    printf("LISTENING %u\n", port);
+    fflush(stdout);
+    for (long i = 0; count < 0 || i < count; i++) {
+        int c = accept(s, NULL, NULL);
+        if (c < 0)
+            die("accept");
+        serve_one(c);
+        close(c);
+    }
+    return 0;
+}
+
+static int connect_host(unsigned port) {
+    int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (s < 0)
+        die("socket");
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_port = port, .svm_cid = VMADDR_CID_HOST};
+    if (connect(s, (struct sockaddr *)&a, sizeof a) < 0)
+        return -errno;
+    return s;
+}
+
+static int echo(int s, uint64_t size) {
+    uint64_t sent = 0, got = 0;
+    while (got < size) {
+        if (sent < size) {
+            size_t k = size - sent < BUF ? (size_t)(size - sent) : BUF;
+            pattern(buf, k, sent, 7);
+            write_all(s, buf, k);
+            sent += k;
+        }
+        while (got < sent) {
+            ssize_t r = read(s, buf2, (size_t)(sent - got) < BUF ? (size_t)(sent - got) : BUF);
+            if (r <= 0)
+                die("read echo");
+            pattern(buf, (size_t)r, got, 7);
+            if (memcmp(buf, buf2, (size_t)r) != 0) {
+                printf("ECHO-MISMATCH at %llu\n", (unsigned long long)got);
+                return 1;
+            }
+            got += (uint64_t)r;
+        }
+    }
+    printf("ECHO-OK %llu\n", (unsigned long long)got);
+    return 0;
+}
+
+static int send_data(int s, uint64_t size, unsigned seed) {
+    for (uint64_t off = 0; off < size;) {
+        size_t k = size - off < BUF ? (size_t)(size - off) : BUF;
+        pattern(buf, k, off, seed);
+        write_all(s, buf, k);
+        off += k;
+    }
+    if (shutdown(s, SHUT_WR) < 0)
+        die("shutdown");
+    char line[64];
+    if (read_line(s, line, sizeof line) < 0)
+        die("read reply");
+    printf("REPLY %s\n", line);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 3 && strcmp(argv[1], "serve") == 0)
+        return serve((unsigned)strtoul(argv[2], NULL, 10), argc > 3 ? strtol(argv[3], NULL, 10) : -1);
+    if (argc >= 4 && strcmp(argv[1], "connect") == 0) {
+        unsigned port = (unsigned)strtoul(argv[2], NULL, 10);
+        int s = connect_host(port);
+        if (strcmp(argv[3], "probe") == 0) {
+            if (s < 0)
+                printf("CONNECT-ERR=%s\n", strerrorname_np(-s) ? strerrorname_np(-s) : "?");
+            else
+                printf("CONNECT-OK\n");
+            return 0;
+        }
+        if (s < 0) {
+            errno = -s;
+            die("connect");
+        }
+        if (strcmp(argv[3], "echo") == 0 && argc == 5)
+            return echo(s, strtoull(argv[4], NULL, 10));
+        if (strcmp(argv[3], "send") == 0 && argc == 6)
+            return send_data(s, strtoull(argv[4], NULL, 10), (unsigned)strtoul(argv[5], NULL, 10));
+    }
+    fprintf(stderr, "usage: kiln-vsock serve PORT [COUNT] | connect PORT echo SIZE | "
+                    "connect PORT send SIZE SEED | connect PORT probe\n");
+    return 2;
+}
