@@ -1,4 +1,5 @@
 //! Legacy PC devices: the 16550 serial console and the i8042 reset line.
 
 pub mod i8042;
+pub mod output_fd;
 pub mod serial;
