@@ -337,10 +337,9 @@ impl Vmm {
             })?;
         let buffer = ConsoleBuffer::new(console::CONSOLE_BUFFER_SIZE)
             .map_err(io_err("the console buffer"))?;
-        let drainer = Arc::new(Mutex::new(ConsoleDrainer::new(
-            buffer.clone(),
-            console.output,
-        )));
+        let drainer = ConsoleDrainer::new(buffer.clone(), console.output)
+            .map_err(io_err("the console drainer"))?;
+        let drainer = Arc::new(Mutex::new(drainer));
         event_manager.add_subscriber(drainer.clone());
         let serial = Arc::new(Mutex::new(
             SerialDevice::new(irq, Box::new(buffer)).map_err(io_err("the serial console"))?,

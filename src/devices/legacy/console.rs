@@ -4,8 +4,12 @@
 //! The UART appends each byte the guest sends to a [`ConsoleBuffer`] on the
 //! vCPU thread: what does not fit is dropped and counted. The
 //! [`ConsoleDrainer`], on the event loop, writes the buffer to the output,
-//! woken by an eventfd when the buffer goes from empty to non-empty, and by
-//! EPOLLOUT when the output was full. When kiln's stdout is not read, only console output is lost, once
+//! woken by an eventfd when output arrives while it is idle, and by EPOLLOUT
+//! when the output was full. Once woken it stays awake for [`LINGER`] after
+//! the last output it found, looking again on a timer: a guest printing
+//! steadily (one byte per VM exit) then costs its vCPU no wake-up per byte,
+//! and the first byte after a quiet spell, a shell's echo, goes out at once.
+//! When kiln's stdout is not read, only console output is lost, once
 //! reported; the guest and kiln run on.
 
 use std::collections::VecDeque;
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::output_fd::OutputFd;
 use crate::devices::bus::lock;
@@ -31,6 +36,10 @@ pub const CONSOLE_BUFFER_SIZE: usize = 64 << 10;
 /// The most the drainer copies out of the buffer at once; the vCPU waits at
 /// most for this copy when it appends.
 const DRAIN_CHUNK: usize = 16 << 10;
+
+/// How long the drainer stays awake after it last found output: the most
+/// a byte waits when it follows another closely.
+pub const LINGER: Duration = Duration::from_millis(1);
 
 /// At exit, how long kiln waits for a reader that takes nothing before it
 /// gives up on the rest of the output (any progress restarts the wait).
@@ -81,6 +90,8 @@ struct Ring {
     /// Bytes discarded because the output is closed.
     discarded: u64,
     closed: bool,
+    /// The drainer will look at the buffer without being woken.
+    drainer_awake: bool,
 }
 
 impl Ring {
@@ -92,24 +103,32 @@ impl Ring {
             dropped: 0,
             discarded: 0,
             closed: false,
+            drainer_awake: false,
         }
     }
 
     /// Appends what fits of `bytes`; true if the drainer should be woken:
-    /// the buffer was empty, or this is the first drop (to report it).
+    /// it is idle, or this is the first drop (to report it).
     fn push(&mut self, bytes: &[u8]) -> bool {
         let len = bytes.len() as u64;
         if self.closed {
             self.discarded += len;
             return false;
         }
-        let was_empty = self.data.is_empty();
         let fit = bytes.len().min(self.capacity - self.data.len());
         self.data.extend(&bytes[..fit]);
         let lost = len - fit as u64;
         let first_drop = lost > 0 && self.dropped == 0;
         self.dropped += lost;
-        (was_empty && fit > 0) || first_drop
+        let wake = fit > 0 && !self.drainer_awake;
+        self.drainer_awake |= fit > 0;
+        wake || first_drop
+    }
+
+    /// The drainer goes idle if nothing waits; false if something does.
+    fn idle(&mut self) -> bool {
+        self.drainer_awake = !self.data.is_empty();
+        !self.drainer_awake
     }
 
     /// Copies the oldest bytes into `out`, leaving them in the buffer.
@@ -188,6 +207,9 @@ enum Drained {
 pub struct ConsoleDrainer {
     buffer: ConsoleBuffer,
     output: ConsoleOutput,
+    /// Ticks every [`LINGER`] while the drainer is awake.
+    timer: TimerFd,
+    ticking: bool,
     chunk: Box<[u8]>,
     /// Bytes written to the output: progress, while flushing at exit.
     written: u64,
@@ -196,15 +218,17 @@ pub struct ConsoleDrainer {
 }
 
 impl ConsoleDrainer {
-    pub fn new(buffer: ConsoleBuffer, output: ConsoleOutput) -> Self {
-        ConsoleDrainer {
+    pub fn new(buffer: ConsoleBuffer, output: ConsoleOutput) -> io::Result<Self> {
+        Ok(ConsoleDrainer {
             buffer,
             output,
+            timer: TimerFd::new()?,
+            ticking: false,
             chunk: vec![0; DRAIN_CHUNK].into_boxed_slice(),
             written: 0,
             watching_output: false,
             drop_reported: false,
-        }
+        })
     }
 
     /// Writes until the buffer is empty or the output takes no more.
@@ -267,20 +291,39 @@ impl ConsoleDrainer {
         }
     }
 
-    fn watch_output(&mut self, ops: &mut EventOps, watch: bool) {
+    /// Runs the timer while awake; false if it cannot, and the drainer must
+    /// not go to sleep counting on it.
+    fn tick(&mut self, on: bool) -> bool {
+        if on == self.ticking {
+            return true;
+        }
+        let r = if on {
+            self.timer.reset(LINGER, Some(LINGER))
+        } else {
+            self.timer.clear()
+        };
+        match r {
+            Ok(()) => self.ticking = on,
+            Err(e) => log::debug!("console drainer timer: {e}"),
+        }
+        on == self.ticking
+    }
+
+    /// Waits for EPOLLOUT on the output, or stops; false if it cannot.
+    fn watch_output(&mut self, ops: &mut EventOps, watch: bool) -> bool {
         let Some(fd) = self.output.poll_fd() else {
-            return;
+            return !watch;
         };
         if watch == self.watching_output {
-            return;
+            return true;
         }
         let ev = Events::new_raw(fd, EventSet::OUT);
         let r = if watch { ops.add(ev) } else { ops.remove(ev) };
         match r {
             Ok(()) => self.watching_output = watch,
-            // Left for the next wake-up, or for the flush at exit.
             Err(e) => log::debug!("cannot watch the console output: {e:?}"),
         }
+        watch == self.watching_output
     }
 
     /// At exit, once no vCPU runs: writes what is left, waiting for the
@@ -327,15 +370,51 @@ impl MutEventSubscriber for ConsoleDrainer {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.buffer.0.wake.as_raw_fd() {
             let _ = self.buffer.0.wake.read();
+        } else if events.fd() == self.timer.as_raw_fd() {
+            let _ = self.timer.wait();
         }
-        let drained = self.drain();
+        let drained = loop {
+            let before = self.written;
+            let drained = self.drain();
+            if drained != Drained::Empty {
+                break drained;
+            }
+            // Output came since the last look: look again in LINGER.
+            if self.written != before && self.tick(true) {
+                break drained;
+            }
+            // None came (or no timer): sleep until the vCPU wakes us, unless
+            // output arrived in the meantime.
+            self.tick(false);
+            if self.buffer.ring().idle() {
+                break drained;
+            }
+        };
         self.report_first_drop();
-        self.watch_output(ops, drained == Drained::Blocked);
+        match drained {
+            // EPOLLOUT wakes a blocked drainer (the timer if it cannot).
+            Drained::Blocked => {
+                let watched = self.watch_output(ops, true);
+                self.tick(!watched);
+            }
+            Drained::Empty => {
+                self.watch_output(ops, false);
+            }
+            Drained::Closed => {
+                self.watch_output(ops, false);
+                self.tick(false);
+            }
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.buffer.0.wake, EventSet::IN)) {
-            log::error!("cannot watch the console buffer, console output stops: {e:?}");
+        for (fd, what) in [
+            (self.buffer.0.wake.as_raw_fd(), "buffer"),
+            (self.timer.as_raw_fd(), "timer"),
+        ] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("cannot watch the console {what}, console output stops: {e:?}");
+            }
         }
     }
 }
@@ -349,8 +428,8 @@ mod tests {
     #[test]
     fn the_ring_keeps_what_fits_and_counts_the_rest() {
         let mut r = Ring::new(8);
-        assert!(r.push(b"abc"), "empty to non-empty wakes");
-        assert!(!r.push(b"def"), "non-empty to non-empty does not");
+        assert!(r.push(b"abc"), "output wakes an idle drainer");
+        assert!(!r.push(b"def"), "an awake one is not woken again");
         assert!(r.push(b"ghij"), "the first drop wakes");
         assert_eq!((r.data.len(), r.dropped), (8, 2));
         assert!(!r.push(b"k"), "later drops do not");
@@ -361,7 +440,10 @@ mod tests {
         assert_eq!(r.data.len(), 8, "copying leaves the bytes");
         r.consume(n);
         assert!(r.data.is_empty());
-        assert!(r.push(b"x"));
+        assert!(r.idle());
+        assert!(r.push(b"x"), "an idle drainer is woken again");
+        assert!(!r.idle(), "no sleep while output waits");
+        assert!(!r.push(b"y"));
     }
 
     #[test]
@@ -410,7 +492,7 @@ mod tests {
         let (reader, writer) = io::pipe().unwrap();
         let out = OutputFd::new(writer.as_fd()).unwrap();
         let buf = ConsoleBuffer::new(capacity).unwrap();
-        let drainer = ConsoleDrainer::new(buf.clone(), ConsoleOutput::Fd(out));
+        let drainer = ConsoleDrainer::new(buf.clone(), ConsoleOutput::Fd(out)).unwrap();
         (buf, drainer, reader)
     }
 
@@ -499,11 +581,26 @@ mod tests {
         let drainer = ConsoleDrainer::new(
             buf.clone(),
             ConsoleOutput::Writer(Box::new(Capture(capture.clone()))),
-        );
+        )
+        .unwrap();
         let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
         em.add_subscriber(Arc::new(Mutex::new(drainer)));
+        let mut run = || assert_eq!(em.run_with_timeout(10_000).unwrap(), 1);
         buf.push(b"hello");
-        assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+        run(); // woken by the eventfd
         assert_eq!(&*capture.lock().unwrap(), b"hello");
+        assert!(buf.ring().drainer_awake);
+        buf.push(b", world");
+        run(); // the timer, LINGER later
+        assert_eq!(&*capture.lock().unwrap(), b"hello, world");
+        run(); // the timer again: nothing came, the drainer sleeps
+        assert!(!buf.ring().drainer_awake);
+        buf.push(b"!");
+        run(); // woken by the eventfd again
+        assert_eq!(&*capture.lock().unwrap(), b"hello, world!");
+        assert_eq!(
+            buf.0.wake.read().unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
     }
 }
