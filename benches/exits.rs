@@ -20,7 +20,7 @@ use iced_x86::code_asm::*;
 use kiln::arch::x86_64::cpuid::Topology;
 use kiln::arch::x86_64::regs::{self, EntryMode};
 use kiln::config::VmConfig;
-use kiln::vmm::{ConsoleIo, Vmm};
+use kiln::vmm::{ConsoleIo, ConsoleOutput, Vmm};
 use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -54,7 +54,7 @@ fn run_kiln(dir: &std::path::Path, exits: u32) -> Duration {
     let vmm = Vmm::build(
         &config,
         ConsoleIo {
-            output: Box::new(std::io::sink()),
+            output: ConsoleOutput::Writer(Box::new(std::io::sink())),
             input: None,
         },
     )

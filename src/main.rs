@@ -9,10 +9,10 @@ use clap::Parser;
 
 use kiln::cli::Cli;
 use kiln::config::VmConfig;
-use kiln::devices::legacy::serial::Stdout;
+use kiln::devices::legacy::output_fd::OutputFd;
 use kiln::error_chain;
 use kiln::terminal::RawMode;
-use kiln::vmm::{ConsoleIo, Vmm};
+use kiln::vmm::{ConsoleIo, ConsoleOutput, Vmm};
 
 fn fail(msg: &str) -> ExitCode {
     eprintln!("kiln: error: {msg}");
@@ -34,16 +34,20 @@ fn main() -> ExitCode {
         Err(e) => return fail(&error_chain(&e)),
     };
 
+    let output = match OutputFd::stdout() {
+        Ok(fd) => ConsoleOutput::Fd(fd),
+        Err(e) => {
+            log::warn!("stdout cannot take the console ({e}): guest console output is discarded");
+            ConsoleOutput::Writer(Box::new(std::io::sink()))
+        }
+    };
     let stdin = std::io::stdin();
     let input = stdin.as_fd().try_clone_to_owned().ok().map(File::from);
     let raw_mode = match RawMode::enable(stdin.as_fd()) {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot put the terminal in raw mode: {e}")),
     };
-    let console = ConsoleIo {
-        output: Box::new(Stdout),
-        input,
-    };
+    let console = ConsoleIo { output, input };
     let result = Vmm::build(&config, console).and_then(Vmm::run);
     drop(raw_mode);
     match result {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::*;
 use kiln::config::VmConfig;
 use kiln::vmm::exit::ExitReason;
-use kiln::vmm::{ConsoleIo, Vmm};
+use kiln::vmm::{ConsoleIo, ConsoleOutput, Vmm};
 
 const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux quiet";
 /// A boot that takes longer than this is stuck (a boot takes about a minute
@@ -31,7 +31,7 @@ fn boot(config: &str, vcpus: u8) -> String {
     let vmm = Vmm::build(
         &config,
         ConsoleIo {
-            output: Box::new(console.clone()),
+            output: ConsoleOutput::Writer(Box::new(console.clone())),
             input: None,
         },
     )

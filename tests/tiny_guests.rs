@@ -243,3 +243,200 @@ fn sigterm_stops_a_spinning_guest_and_joins_its_vcpus() {
         text(&out.stderr)
     );
 }
+
+/// Writes `count` bytes to the serial port (forever if None), then resets.
+fn flood(a: &mut CodeAssembler, count: Option<u32>) {
+    let mut top = a.create_label();
+    a.mov(ecx, count.unwrap_or(1)).unwrap();
+    a.mov(dx, 0x3f8u32).unwrap();
+    a.mov(al, u32::from(b'x')).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.out(dx, al).unwrap();
+    if count.is_some() {
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+    } else {
+        a.jmp(top).unwrap();
+    }
+    reset(a);
+}
+
+/// A kiln child with piped stdout and stderr, killed if the test fails
+/// before it ends.
+struct Kiln(std::process::Child);
+
+impl Kiln {
+    fn start(config: &std::path::Path, stdin: std::process::Stdio) -> Kiln {
+        use std::process::{Command, Stdio};
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--config-file")
+            .arg(config)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Kiln(child)
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        wait_timeout(&mut self.0, TIMEOUT)
+            .unwrap_or_else(|| panic!("kiln did not exit within {TIMEOUT:?}"))
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn warnings(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.contains(" WARN")).collect()
+}
+
+#[test]
+fn sigterm_ends_kiln_within_a_second_while_nobody_reads_its_stdout() {
+    use std::io::{BufRead, BufReader};
+    use std::time::Instant;
+    require_kvm();
+    let dir = scratch("flood-sigterm");
+    let config = write_vm(&dir, &elf_image(&assemble(|a| flood(a, None))), 1, "");
+    let mut kiln = Kiln::start(&config, std::process::Stdio::null());
+    // Held open and never read: once the pipe is full, writes to it block.
+    let _stdout = kiln.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(kiln.0.stderr.take().unwrap());
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // The drop warning says the pipe and kiln's buffer are full, and the
+    // guest went on writing past them.
+    let start = Instant::now();
+    loop {
+        let left = TIMEOUT.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("console output is being dropped") => break,
+            Ok(_) => {}
+            Err(_) => panic!("no console drop warning within {TIMEOUT:?}: the guest is stuck, or kiln does not say so"),
+        }
+    }
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(kiln.0.id() as i32, libc::SIGTERM) }, 0);
+    let killed = Instant::now();
+    let status = kiln.0.wait().unwrap();
+    let took = killed.elapsed();
+    let stderr = stderr.join().unwrap();
+    // The deadline, not a performance figure: stopping takes
+    // milliseconds; a blocked console write used to make it never happen.
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "kiln took {took:?} to exit after SIGTERM with its stdout not read (deadline 1 s); stderr: {stderr}"
+    );
+    assert_eq!(status.code(), Some(130), "stderr: {stderr}");
+    let dropped: Vec<&str> = warnings(&stderr)
+        .into_iter()
+        .filter(|l| l.contains("console output is being dropped"))
+        .collect();
+    assert_eq!(dropped.len(), 1, "the drop is reported once: {stderr}");
+    assert!(
+        stderr.contains("bytes of guest console output were lost"),
+        "the total is reported at exit: {stderr}"
+    );
+}
+
+/// Enough output to run on well after the reader is gone (~1 s here).
+const FLOOD_BYTES: u32 = 100_000;
+
+#[test]
+fn a_closed_stdout_ends_only_the_console_output() {
+    use std::io::Read;
+    require_kvm();
+    let dir = scratch("flood-closed");
+    let config = write_vm(
+        &dir,
+        &elf_image(&assemble(|a| flood(a, Some(FLOOD_BYTES)))),
+        1,
+        "",
+    );
+    let mut kiln = Kiln::start(&config, std::process::Stdio::null());
+    let stderr = read_all(kiln.0.stderr.take().unwrap());
+    // `kiln | head -c 100`
+    let mut stdout = kiln.0.stdout.take().unwrap();
+    let mut first = [0u8; 100];
+    stdout.read_exact(&mut first).unwrap();
+    assert_eq!(first, [b'x'; 100]);
+    drop(stdout);
+    let status = kiln.wait();
+    let stderr = text(&stderr.join().unwrap());
+    // The guest wrote everything and reset: only its output ended.
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let warnings = warnings(&stderr);
+    assert_eq!(warnings.len(), 1, "one warning, no flood: {stderr}");
+    assert!(warnings[0].contains("console output failed"), "{stderr}");
+}
+
+#[test]
+fn a_reader_that_keeps_up_gets_all_the_output() {
+    require_kvm();
+    let dir = scratch("flood-all");
+    let config = write_vm(
+        &dir,
+        &elf_image(&assemble(|a| flood(a, Some(FLOOD_BYTES)))),
+        1,
+        "",
+    );
+    let out = run_kiln(&config, TIMEOUT);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(out.stdout.len(), FLOOD_BYTES as usize, "stderr: {stderr}");
+    assert!(out.stdout.iter().all(|&b| b == b'x'));
+    assert!(warnings(&stderr).is_empty(), "{stderr}");
+}
+
+#[test]
+fn console_input_reaches_the_guest_and_its_echo_comes_back() {
+    use std::io::Write;
+    require_kvm();
+    let dir = scratch("echo");
+    // Echo what the UART receives until a 'q', then reset.
+    let code = assemble(|a| {
+        let mut wait = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut wait).unwrap();
+        a.mov(dx, 0x3fdu32).unwrap(); // LSR
+        a.in_(al, dx).unwrap();
+        a.test(al, 1u32).unwrap(); // data ready
+        a.jz(wait).unwrap();
+        a.mov(dx, 0x3f8u32).unwrap();
+        a.in_(al, dx).unwrap();
+        a.cmp(al, u32::from(b'q')).unwrap();
+        a.je(done).unwrap();
+        a.out(dx, al).unwrap();
+        a.jmp(wait).unwrap();
+        a.set_label(&mut done).unwrap();
+        reset(a);
+    });
+    let config = write_vm(&dir, &elf_image(&code), 1, "");
+    let mut kiln = Kiln::start(&config, std::process::Stdio::piped());
+    let mut stdin = kiln.0.stdin.take().unwrap();
+    stdin.write_all(b"typed into the console\nq").unwrap();
+    drop(stdin);
+    let stdout = read_all(kiln.0.stdout.take().unwrap());
+    let stderr = read_all(kiln.0.stderr.take().unwrap());
+    let status = kiln.wait();
+    let stderr = text(&stderr.join().unwrap());
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(
+        text(&stdout.join().unwrap()),
+        "typed into the console\n",
+        "stderr: {stderr}"
+    );
+}

@@ -24,8 +24,9 @@ use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::config::{BlockDeviceConfig, CacheType, VmConfig};
 use crate::devices::bus::{self, Bus};
+use crate::devices::legacy::console::{self, ConsoleBuffer, ConsoleDrainer};
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{Output, SerialDevice, SerialInput};
+use crate::devices::legacy::serial::{SerialDevice, SerialInput};
 use crate::devices::virtio::block::{self, Block};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{self, Vsock, VsockOptions};
@@ -35,6 +36,8 @@ use crate::devices::virtio::{
 use crate::vcpu::{self, Vcpu, VcpuHandle, VcpuSetup};
 use crate::{loader, memory, quirks, vm};
 use exit::{ExitReason, ExitSignal};
+
+pub use crate::devices::legacy::console::ConsoleOutput;
 
 /// The command line when the config gives no `boot_args` (Firecracker's
 /// defaults, with the console on the serial port kiln emulates).
@@ -216,7 +219,9 @@ impl VirtioAttacher<'_> {
 
 /// Where the console goes and comes from.
 pub struct ConsoleIo {
-    pub output: Output,
+    /// Guest output goes through a bounded buffer, written here from the
+    /// event loop: a slow or closed output never stops the guest.
+    pub output: ConsoleOutput,
     /// Host input for the guest console (kiln passes its stdin), if any.
     pub input: Option<File>,
 }
@@ -230,6 +235,7 @@ pub struct Vmm {
     event_manager: EventManager<Subscriber>,
     exit: Arc<ExitSignal>,
     devices: Vec<AttachedDevice>,
+    console: Arc<Mutex<ConsoleDrainer>>,
 }
 
 /// How a run ended, with what the caller may want to check.
@@ -259,7 +265,8 @@ impl Vmm {
 
         let mut io_bus = Bus::new();
         let mut mmio_bus = Bus::new();
-        Self::attach_legacy_devices(&vm, &mut io_bus, &mut event_manager, &exit, console)?;
+        let console =
+            Self::attach_legacy_devices(&vm, &mut io_bus, &mut event_manager, &exit, console)?;
 
         let mut cmdline = config
             .boot_source
@@ -357,6 +364,7 @@ impl Vmm {
             event_manager,
             exit,
             devices,
+            console,
         })
     }
 
@@ -365,15 +373,16 @@ impl Vmm {
         &self.devices
     }
 
-    /// The serial console (IRQ 4 through an irqfd, input from the event
-    /// loop) and the i8042 reset line.
+    /// The serial console (IRQ 4 through an irqfd, output drained and input
+    /// fed on the event loop) and the i8042 reset line; returns the console
+    /// drainer, for the flush at exit.
     fn attach_legacy_devices(
         vm: &vm::Vm,
         io_bus: &mut Bus,
         event_manager: &mut EventManager<Subscriber>,
         exit: &Arc<ExitSignal>,
         console: ConsoleIo,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<Mutex<ConsoleDrainer>>, Error> {
         let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial interrupt"))?;
         vm.fd
             .register_irqfd(&irq, SERIAL_IRQ)
@@ -382,8 +391,14 @@ impl Vmm {
                 irq: SERIAL_IRQ,
                 source,
             })?;
+        let buffer = ConsoleBuffer::new(console::CONSOLE_BUFFER_SIZE)
+            .map_err(io_err("the console buffer"))?;
+        let drainer = ConsoleDrainer::new(buffer.clone(), console.output)
+            .map_err(io_err("the console drainer"))?;
+        let drainer = Arc::new(Mutex::new(drainer));
+        event_manager.add_subscriber(drainer.clone());
         let serial = Arc::new(Mutex::new(
-            SerialDevice::new(irq, console.output).map_err(io_err("the serial console"))?,
+            SerialDevice::new(irq, Box::new(buffer)).map_err(io_err("the serial console"))?,
         ));
         io_bus
             .insert(serial.clone(), SERIAL_PORT, SERIAL_PORT_LEN)
@@ -402,7 +417,7 @@ impl Vmm {
                 name: "i8042",
                 source,
             })?;
-        Ok(())
+        Ok(drainer)
     }
 
     /// A handle to end the run from another thread: report a reason on it
@@ -446,6 +461,13 @@ impl Vmm {
             .map(VcpuHandle::join)
             .filter(|ok| !ok)
             .count();
+        // No vCPU writes the console any more: flush it, promptly when
+        // kiln was asked to stop.
+        let stall = match self.exit.reason() {
+            Some(ExitReason::Stopped(_)) => console::FLUSH_STALL_ON_STOP,
+            _ => console::FLUSH_STALL,
+        };
+        bus::lock(&self.console).finish(stall);
         drop(self.vm);
         if let Some(e) = loop_error {
             return Err(Error::EventLoop(e));

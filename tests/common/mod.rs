@@ -4,8 +4,10 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use iced_x86::code_asm::CodeAssembler;
@@ -95,7 +97,9 @@ pub fn write_vm(dir: &Path, kernel: &[u8], vcpus: u8, extra: &str) -> PathBuf {
     config_path
 }
 
-/// Runs `kiln --config-file config` with no stdin, killing it after `timeout`.
+/// Runs `kiln --config-file config` with no stdin, killing it after
+/// `timeout`. Its stdout and stderr are read while it runs, as a reader that
+/// keeps up would: kiln drops console output nobody reads.
 pub fn run_kiln(config: &Path, timeout: Duration) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("--config-file")
@@ -105,23 +109,45 @@ pub fn run_kiln(config: &Path, timeout: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start kiln");
+    let stdout = read_all(child.stdout.take().unwrap());
+    let stderr = read_all(child.stderr.take().unwrap());
+    let Some(status) = wait_timeout(&mut child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "kiln did not exit within {timeout:?}\nstdout: {}\nstderr: {}",
+            text(&stdout.join().unwrap()),
+            text(&stderr.join().unwrap())
+        );
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// Waits for `child` to exit; None if it is still running after `timeout`.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let start = std::time::Instant::now();
     loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
         }
         if start.elapsed() > timeout {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "kiln did not exit within {timeout:?}\nstdout: {}\nstderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().unwrap()
+}
+
+/// Reads `r` to its end on a thread of its own.
+pub fn read_all(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
 }
 
 pub fn text(bytes: &[u8]) -> String {

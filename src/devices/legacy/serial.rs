@@ -1,5 +1,6 @@
 //! The 16550 UART console at 0x3f8 (vm-superio): guest output to a writer
-//! (kiln's stdout), host input (kiln's stdin) into the receive FIFO.
+//! (a [`ConsoleBuffer`](super::console::ConsoleBuffer) that never blocks the
+//! vCPU), host input (kiln's stdin) into the receive FIFO.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -35,21 +36,6 @@ impl SerialEvents for InputReady {
     fn in_buffer_empty(&self) {
         // Saturated counter: already signalled.
         let _ = self.0.write(1);
-    }
-}
-
-/// Writes each byte through at once, so guest output shows live.
-pub struct Stdout;
-
-impl Write for Stdout {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut out = io::stdout().lock();
-        out.write_all(buf)?;
-        out.flush()?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        io::stdout().flush()
     }
 }
 
@@ -100,10 +86,10 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(off), [value]) = (u8::try_from(offset), data) {
             if let Err(e) = self.uart.write(off, *value) {
-                // Say it once: a guest printing to a closed stdout must not
+                // Say it once: a guest writing the UART in a loop must not
                 // flood the log.
                 if !self.output_failed {
-                    log::warn!("serial console output failed, further output is lost: {e}");
+                    log::warn!("serial console failed, further failures are not logged: {e}");
                     self.output_failed = true;
                 }
             }
