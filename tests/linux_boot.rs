@@ -10,65 +10,13 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::*;
-use kiln::config::VmConfig;
-use kiln::vmm::exit::ExitReason;
-use kiln::vmm::{ConsoleIo, ConsoleOutput, Vmm};
-
-const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux quiet";
-/// A boot that takes longer than this is stuck (a boot takes about a minute
-/// here, a few seconds on hardware KVM).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
 /// Boots `config` in-process and returns the console output, after checking
 /// that the guest ended by itself and that every vCPU thread was joined.
 fn boot(config: &str, vcpus: u8) -> String {
-    require_kvm();
-    let config = VmConfig::from_json(config).unwrap();
-    let console = Capture::default();
-    let vmm = Vmm::build(
-        &config,
-        ConsoleIo {
-            output: ConsoleOutput::Writer(Box::new(console.clone())),
-            input: None,
-        },
-    )
-    .unwrap();
-    let exit = vmm.exit_signal();
-    std::thread::spawn(move || {
-        std::thread::sleep(BOOT_TIMEOUT);
-        exit.report(ExitReason::Stopped(format!(
-            "test timeout after {BOOT_TIMEOUT:?}"
-        )));
-    });
-    let outcome = vmm.run().unwrap();
-    let out = console.text();
-    assert_eq!(outcome.reason, ExitReason::Reset, "console:\n{out}");
-    assert_eq!(outcome.vcpus_joined, usize::from(vcpus), "console:\n{out}");
-    assert_eq!(outcome.vcpus_panicked, 0);
-    assert!(
-        out.contains("KILN-BOOT-OK"),
-        "no boot marker; console:\n{out}"
-    );
-    out
-}
-
-fn initramfs_config(vcpus: u8, cmd: &str) -> String {
-    format!(
-        r#"{{
-  "boot-source": {{
-    "kernel_image_path": "{}",
-    "initrd_path": "{}",
-    "boot_args": "{BOOT_ARGS} {}"
-  }},
-  "machine-config": {{ "vcpu_count": {vcpus}, "mem_size_mib": 128 }}
-}}"#,
-        guest_artifact("vmlinux").display(),
-        guest_artifact("initramfs.cpio").display(),
-        kiln_cmd(cmd)
-    )
+    boot_guest(config, vcpus, &Capture::default())
 }
 
 fn rootfs_config(vcpus: u8, image: &Path, read_only: bool, cmd: &str) -> String {
@@ -101,6 +49,7 @@ fn initramfs_boot_runs_a_command(vcpus: u8) {
             // kernel code on kvm_pvm hosts.
             "echo hello-from-the-guest; n=0; while read -r k rest; do \
              [ \"$k\" = processor ] && n=$((n+1)); done < /proc/cpuinfo; echo CPUS=$n",
+            "",
         ),
         vcpus,
     );

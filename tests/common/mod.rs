@@ -218,3 +218,65 @@ pub fn kiln_cmd(cmd: &str) -> String {
     }
     out
 }
+
+/// The kernel command line of the project's guest in tests (kiln appends
+/// its devices and, on kvm_pvm hosts, its workarounds).
+pub const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux quiet";
+
+/// A boot that takes longer than this is stuck (a boot takes about half a
+/// minute here, a few seconds on hardware KVM).
+pub const BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(420);
+
+/// Boots `config` (JSON) in-process with its console in `console`, and
+/// returns the console output, after checking that the guest ended by
+/// itself, that every vCPU thread was joined, and that init started.
+pub fn boot_guest(config: &str, vcpus: u8, console: &Capture) -> String {
+    use kiln::vmm::exit::ExitReason;
+    use kiln::vmm::{ConsoleIo, ConsoleOutput, Vmm};
+
+    require_kvm();
+    let config = kiln::config::VmConfig::from_json(config).unwrap();
+    let vmm = Vmm::build(
+        &config,
+        ConsoleIo {
+            output: ConsoleOutput::Writer(Box::new(console.clone())),
+            input: None,
+        },
+    )
+    .unwrap();
+    let exit = vmm.exit_signal();
+    std::thread::spawn(move || {
+        std::thread::sleep(BOOT_TIMEOUT);
+        exit.report(ExitReason::Stopped(format!(
+            "test timeout after {BOOT_TIMEOUT:?}"
+        )));
+    });
+    let outcome = vmm.run().unwrap();
+    let out = console.text();
+    assert_eq!(outcome.reason, ExitReason::Reset, "console:\n{out}");
+    assert_eq!(outcome.vcpus_joined, usize::from(vcpus), "console:\n{out}");
+    assert_eq!(outcome.vcpus_panicked, 0);
+    assert!(
+        out.contains("KILN-BOOT-OK"),
+        "no boot marker; console:\n{out}"
+    );
+    out
+}
+
+/// The initramfs guest with `vcpus`, 128 MiB, running `cmd`, plus `extra`
+/// top-level sections (each starting with a comma).
+pub fn initramfs_config(vcpus: u8, cmd: &str, extra: &str) -> String {
+    format!(
+        r#"{{
+  "boot-source": {{
+    "kernel_image_path": "{}",
+    "initrd_path": "{}",
+    "boot_args": "{BOOT_ARGS} {}"
+  }},
+  "machine-config": {{ "vcpu_count": {vcpus}, "mem_size_mib": 128 }}{extra}
+}}"#,
+        guest_artifact("vmlinux").display(),
+        guest_artifact("initramfs.cpio").display(),
+        kiln_cmd(cmd)
+    )
+}
