@@ -116,6 +116,14 @@ impl MmioTransport {
         &self.queue_evts
     }
 
+    /// Clones of the queue eventfds, for KVM's ioeventfds and the event loop.
+    pub fn clone_queue_evts(&self) -> Result<Vec<EventFd>, Error> {
+        self.queue_evts
+            .iter()
+            .map(|e| e.try_clone().map_err(Error::EventFd))
+            .collect()
+    }
+
     /// Signalled whenever the device is activated or reset.
     pub fn activate_evt(&self) -> &EventFd {
         &self.activate_evt

@@ -416,11 +416,7 @@ impl VirtioMmioDevice {
             .eventfd()
             .try_clone()
             .map_err(Error::EventFd)?;
-        let queue_evts = transport
-            .queue_evts()
-            .iter()
-            .map(|e| e.try_clone().map_err(Error::EventFd))
-            .collect::<Result<Vec<_>, _>>()?;
+        let queue_evts = transport.clone_queue_evts()?;
         Ok(Self {
             device_type,
             transport: Arc::new(Mutex::new(transport)),

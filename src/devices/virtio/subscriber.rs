@@ -71,11 +71,7 @@ pub struct DeviceSubscriber {
 impl DeviceSubscriber {
     /// Shares `slot` with `transport` and clones the transport's eventfds.
     pub fn new(slot: SharedSlot, transport: &MmioTransport) -> Result<Self, Error> {
-        let queue_evts = transport
-            .queue_evts()
-            .iter()
-            .map(|e| e.try_clone().map_err(Error::EventFd))
-            .collect::<Result<Vec<_>, _>>()?;
+        let queue_evts = transport.clone_queue_evts()?;
         Ok(Self {
             slot,
             activate_evt: transport
