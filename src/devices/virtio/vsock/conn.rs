@@ -244,18 +244,9 @@ impl Conn {
         c
     }
 
-    pub fn state(&self) -> State {
-        self.state
-    }
-
     /// When the peer's time to answer runs out, if it is waited for.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
-    }
-
-    /// Bytes of guest data waiting for the host stream.
-    pub fn buffered(&self) -> usize {
-        self.tx.len()
     }
 
     /// What the host stream should be watched for; None: not at all (it

@@ -177,6 +177,23 @@ impl Vsock {
     }
 }
 
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let c = self.muxer.counters();
+        if c != muxer::Counters::default() || self.bad_tx_chains + self.bad_rx_chains > 0 {
+            log::info!(
+                "vsock: refused {} guest packets, {} connections at the cap, dropped {} resets \
+                 (queue full), {} malformed tx and {} rx chains",
+                c.refused_packets,
+                c.refused_at_cap,
+                c.dropped_control,
+                self.bad_tx_chains,
+                self.bad_rx_chains
+            );
+        }
+    }
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         device_type::VSOCK
