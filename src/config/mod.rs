@@ -6,6 +6,7 @@
 //! fields are errors) and [`VmConfig::validate`] refuses what kiln cannot do
 //! yet instead of silently ignoring it.
 
+mod fs;
 #[cfg(test)]
 mod schema_tests;
 mod sections;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use fs::{FsConfig, MAX_FS_TAG};
 pub use sections::*;
 
 /// Smallest guest memory kiln accepts, in MiB: below this a Linux guest
@@ -157,6 +159,43 @@ pub enum Error {
         /// The longest path kiln accepts.
         max: usize,
     },
+    /// An `fs` tag that is empty or longer than 36 bytes.
+    #[error("fs[{index}].tag {tag:?} must be 1 to {MAX_FS_TAG} bytes")]
+    FsTag {
+        /// Index in `fs`.
+        index: usize,
+        /// The tag given.
+        tag: String,
+    },
+    /// Two `fs` entries with the same tag.
+    #[error("fs[{second}].tag {tag:?} is already used by fs[{first}]")]
+    DuplicateFsTag {
+        /// The repeated tag.
+        tag: String,
+        /// Index of its first use.
+        first: usize,
+        /// Index of the repeat.
+        second: usize,
+    },
+    /// An `fs` folder that cannot be looked at.
+    #[error("{field}: cannot use {}", path.display())]
+    FsPath {
+        /// `fs[N].path_on_host (tag ...)`.
+        field: String,
+        /// The path as written.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// An `fs` folder that is not a directory.
+    #[error("{field}: {} is not a directory", path.display())]
+    FsNotADirectory {
+        /// `fs[N].path_on_host (tag ...)`.
+        field: String,
+        /// The path as written.
+        path: PathBuf,
+    },
     /// A NUL byte in the kernel command line (it would truncate it).
     #[error("boot-source.boot_args must not contain a NUL byte, found one at byte {offset}")]
     BootArgsNul {
@@ -233,6 +272,13 @@ pub struct VmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub memory_hotplug: Option<MemoryHotplugConfig>,
+    /// `fs`: host folders over virtio-fs (a kiln extension).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub fs: Vec<FsConfig>,
 }
 
 /// Lets a section or field that has a default also be written as `null`
@@ -301,6 +347,7 @@ impl VmConfig {
         if let Some(vsock) = &self.vsock {
             vsock.check()?;
         }
+        fs::check(&self.fs)?;
         Ok(())
     }
 

@@ -28,6 +28,7 @@ use crate::devices::legacy::console::{self, ConsoleBuffer, ConsoleDrainer};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SerialDevice, SerialInput};
 use crate::devices::virtio::block::{self, Block};
+use crate::devices::virtio::fs::{self, guard::FdBudget, Fs, FsOptions};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{self, Vsock, VsockOptions};
 use crate::devices::virtio::{
@@ -89,6 +90,13 @@ pub enum Error {
     },
     #[error("cannot create the vsock device")]
     Vsock(#[source] vsock::Error),
+    #[error("cannot share fs[{index}] (tag {tag:?})")]
+    Fs {
+        index: usize,
+        tag: String,
+        #[source]
+        source: fs::Error,
+    },
     #[error("cannot create drive {drive_id:?}")]
     Block {
         drive_id: String,
@@ -309,6 +317,30 @@ impl Vmm {
                 uds_path: v.uds_path.clone(),
             };
             virtio.attach("vsock", Vsock::new(&opts).map_err(Error::Vsock)?)?;
+        }
+        if !config.fs.is_empty() {
+            // fuse-backend-rs 0.14 formats a guest-chosen opcode through an
+            // unchecked transmute in a trace-level log line: with trace on,
+            // a guest could reach undefined behaviour. Never log that much.
+            if log::max_level() > log::LevelFilter::Debug {
+                log::set_max_level(log::LevelFilter::Debug);
+                log::warn!("logging at debug, not trace: virtio-fs's FUSE server cannot log at trace safely");
+            }
+            // One fd budget for every shared folder.
+            let budget = Arc::new(FdBudget::for_this_process());
+            for (index, share) in config.fs.iter().enumerate() {
+                let opts = FsOptions {
+                    tag: share.tag.clone(),
+                    path: share.path_on_host.clone(),
+                    read_only: share.read_only,
+                };
+                let dev = Fs::new(opts, budget.clone()).map_err(|source| Error::Fs {
+                    index,
+                    tag: share.tag.clone(),
+                    source,
+                })?;
+                virtio.attach(&format!("fs {}", share.tag), dev)?;
+            }
         }
         let devices = virtio.devices;
         if let Some(extra) = quirks::cmdline_additions(&cmdline) {

@@ -20,6 +20,7 @@
 //! it with [`VirtioMmioDevice::new`] and wires the result.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod queue;
 pub mod rng;
@@ -90,6 +91,8 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     /// §5.10 socket device.
     pub const VSOCK: u32 = 19;
+    /// §5.11 file system device.
+    pub const FS: u32 = 26;
 }
 
 /// Low 32 bits of a 64-bit register pair.
@@ -278,8 +281,10 @@ pub trait VirtioDevice: Send {
             data.len()
         );
     }
-    /// The driver set DRIVER_OK; `active` holds the validated queues.
-    fn activate(&mut self, _active: &Active) {}
+    /// The driver set DRIVER_OK; `active` holds the validated queues. A
+    /// device that processes a queue on its own thread takes it out of
+    /// `active` (`std::mem::take`); the slot then keeps a disabled one.
+    fn activate(&mut self, _active: &mut Active) {}
     /// The driver reset the device (§2.4): drop what belongs to the
     /// activation. Runs on a vCPU thread: event sources the device must
     /// close are removed in the next [`VirtioDevice::sync_sources`].
@@ -335,8 +340,8 @@ impl<D: VirtioDevice + ?Sized> Slot<D> {
         (&mut self.device, self.active.as_mut())
     }
 
-    pub(crate) fn activate(&mut self, active: Active) {
-        self.device.activate(&active);
+    pub(crate) fn activate(&mut self, mut active: Active) {
+        self.device.activate(&mut active);
         self.active = Some(active);
     }
 

@@ -213,7 +213,7 @@ impl VirtioDevice for Block {
         );
     }
 
-    fn activate(&mut self, active: &Active) {
+    fn activate(&mut self, active: &mut Active) {
         self.disk.flush_negotiated = active.acked_features & VIRTIO_BLK_F_FLUSH != 0;
     }
 

@@ -1,0 +1,324 @@
+//! virtio-fs (virtio 1.2 §5.11): a host folder in the guest, served inside
+//! kiln by fuse-backend-rs (its passthrough file system in its VFS, behind
+//! kiln's [`guard::Guard`] policy).
+//!
+//! Queues: hiprio (FORGET, INTERRUPT) and one request queue. Requests run on
+//! a worker thread of the device's own, started when the driver sets
+//! DRIVER_OK and joined at reset: a slow request (a big read, a slow disk)
+//! stalls neither the vCPUs nor the other devices on the event loop, which
+//! only wakes the worker when the guest notifies a queue.
+//!
+//! The guest mounts it with `mount -t virtiofs <tag> <dir>`.
+
+pub mod guard;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::{Vfs, VfsOptions};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use log::{debug, error, warn};
+use virtio_queue::{DescriptorChain, Queue};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::guard::{FdBudget, Guard};
+use super::queue::{Cursor, Outcome};
+use super::{device_type, features, Active, GuestMem, Interrupt, Sources, VirtioDevice};
+
+/// §5.11.2: hiprio, then the request queues.
+pub const HIPRIO_QUEUE: usize = 0;
+const QUEUE_SIZES: &[u16] = &[256, 256];
+/// §5.11.4: `u8 tag[36]; le32 num_request_queues;`.
+pub const TAG_MAX: usize = 36;
+const CONFIG_SPACE_SIZE: usize = TAG_MAX + 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("fs tag {0:?} must be 1 to {TAG_MAX} bytes")]
+    Tag(String),
+    #[error("cannot serve {}", path.display())]
+    Serve {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create the fs worker's eventfd")]
+    EventFd(#[source] io::Error),
+}
+
+/// How to build the device: one `fs` config entry.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// What the guest mounts (`mount -t virtiofs TAG ...`), 1 to 36 bytes.
+    pub tag: String,
+    /// The host folder.
+    pub path: PathBuf,
+    /// Refuse every change to the folder (EROFS).
+    pub read_only: bool,
+}
+
+/// The request server for a folder.
+type FsServer = Server<Arc<Vfs>>;
+
+/// Builds the server for `path`: the passthrough file system behind the
+/// guard, mounted at the root of a VFS.
+fn serve(path: &Path, read_only: bool, budget: Arc<FdBudget>) -> Result<Arc<FsServer>, Error> {
+    let serve_err = |source| Error::Serve {
+        path: path.to_path_buf(),
+        source,
+    };
+    let root = path
+        .to_str()
+        .ok_or_else(|| serve_err(io::Error::other("the path is not UTF-8")))?;
+    let cfg = Config {
+        root_dir: root.to_string(),
+        // The guest kernel caches what it may; kiln never needs to be asked
+        // twice for the same attributes within a second.
+        cache_policy: CachePolicy::Auto,
+        // Extended attributes carry capabilities and security labels:
+        // none reach the host.
+        xattr: false,
+        do_import: false,
+        ..Config::default()
+    };
+    let fs = PassthroughFs::<()>::new(cfg).map_err(serve_err)?;
+    fs.import().map_err(serve_err)?;
+    let vfs = Vfs::new(VfsOptions {
+        no_open: false,
+        no_opendir: false,
+        // Guest page-cache writeback would write through handles the guest
+        // opened read-only.
+        no_writeback: true,
+        ..VfsOptions::default()
+    });
+    vfs.mount(Box::new(Guard::new(fs, read_only, budget)), "/")
+        .map_err(|e| serve_err(io::Error::other(format!("{e:?}"))))?;
+    Ok(Arc::new(Server::new(Arc::new(vfs))))
+}
+
+/// Answers one request: the FUSE message in the chain's readable buffers,
+/// the reply into its writable ones. Returns the reply length (0 when the
+/// chain cannot carry a message or a reply; the guest gets nothing back).
+pub fn handle_chain(server: &FsServer, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> u32 {
+    let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            debug!("virtio-fs: bad request buffers: {e}");
+            return 0;
+        }
+    };
+    let writer = match VirtioFsWriter::new(mem, chain) {
+        Ok(w) => w,
+        Err(e) => {
+            debug!("virtio-fs: bad reply buffers: {e}");
+            return 0;
+        }
+    };
+    // A panic in the server on some message must not take the device (or
+    // kiln) down: the request gets no reply.
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        server.handle_message(reader, writer.into(), None, None)
+    }));
+    match result {
+        Ok(Ok(n)) => u32::try_from(n).unwrap_or(0),
+        Ok(Err(e)) => {
+            debug!("virtio-fs: request failed: {e}");
+            0
+        }
+        Err(_) => {
+            error!("virtio-fs: the FUSE server panicked on a request; it got no reply");
+            0
+        }
+    }
+}
+
+/// The thread that serves the queues while the device is active.
+struct Worker {
+    kick: EventFd,
+    thread: JoinHandle<()>,
+}
+
+/// What the worker owns: the queues taken from the activation.
+struct Queues {
+    server: Arc<FsServer>,
+    mem: GuestMem,
+    interrupt: Interrupt,
+    queues: Vec<Queue>,
+}
+
+impl Queues {
+    /// Serves every queue until none has work left. Returns whether the
+    /// per-pass budget ran out with work left.
+    fn serve_all(&mut self) -> bool {
+        let mut more = false;
+        for q in &mut self.queues {
+            if !virtio_queue::QueueT::ready(q) {
+                continue;
+            }
+            let server = &self.server;
+            let cursor = Cursor::new(q, &self.mem, &self.interrupt);
+            more |= cursor.drain(|chain, mem| Outcome::Used(handle_chain(server, chain, mem)));
+        }
+        more
+    }
+}
+
+/// Set in the kick counter to ask the worker to stop (a notification adds
+/// 1, so the counter never reaches it otherwise).
+const STOP: u64 = 1 << 40;
+
+impl Worker {
+    fn start(mut queues: Queues, tag: &str) -> Result<Self, Error> {
+        // A blocking eventfd: the worker sleeps in read().
+        let kick = EventFd::new(0).map_err(Error::EventFd)?;
+        let wait = kick.try_clone().map_err(Error::EventFd)?;
+        let again = kick.try_clone().map_err(Error::EventFd)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("kiln-fs-{tag}"))
+            .spawn(move || loop {
+                match wait.read() {
+                    Ok(n) if n >= STOP => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        error!("virtio-fs worker: cannot wait for work: {e}");
+                        return;
+                    }
+                }
+                if queues.serve_all() {
+                    // Budget out: come back after a fresh look at STOP.
+                    let _ = again.write(1);
+                }
+            })
+            .map_err(|e| Error::Serve {
+                path: PathBuf::from(tag),
+                source: e,
+            })?;
+        Ok(Self { kick, thread })
+    }
+
+    fn kick(&self) {
+        if let Err(e) = self.kick.write(1) {
+            warn!("virtio-fs: cannot wake the worker: {e}");
+        }
+    }
+
+    fn stop(self) {
+        let _ = self.kick.write(STOP);
+        if self.thread.join().is_err() {
+            error!("virtio-fs worker panicked");
+        }
+    }
+}
+
+pub struct Fs {
+    opts: FsOptions,
+    config: [u8; CONFIG_SPACE_SIZE],
+    budget: Arc<FdBudget>,
+    worker: Option<Worker>,
+}
+
+impl Fs {
+    /// Checks the options; the folder is opened at each activation (a
+    /// driver reset starts over with a fresh server).
+    pub fn new(opts: FsOptions, budget: Arc<FdBudget>) -> Result<Self, Error> {
+        let tag = opts.tag.as_bytes();
+        if tag.is_empty() || tag.len() > TAG_MAX {
+            return Err(Error::Tag(opts.tag));
+        }
+        let mut config = [0u8; CONFIG_SPACE_SIZE];
+        config[..tag.len()].copy_from_slice(tag);
+        config[TAG_MAX..].copy_from_slice(&1u32.to_le_bytes());
+        // Fail now, with the path in the message, rather than at DRIVER_OK.
+        drop(serve(&opts.path, opts.read_only, budget.clone())?);
+        Ok(Self {
+            opts,
+            config,
+            budget,
+            worker: None,
+        })
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        device_type::FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        features::COMMON
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let range = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(data.len())?));
+        match range.and_then(|r| self.config.get(r)) {
+            Some(bytes) => data.copy_from_slice(bytes),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn activate(&mut self, active: &mut Active) {
+        self.stop_worker();
+        let server = match serve(&self.opts.path, self.opts.read_only, self.budget.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("virtio-fs {}: {}", self.opts.tag, crate::error_chain(&e));
+                active.interrupt.set_needs_reset();
+                return;
+            }
+        };
+        let queues = Queues {
+            server,
+            mem: active.mem.clone(),
+            interrupt: active.interrupt.clone(),
+            queues: active.queues.iter_mut().map(std::mem::take).collect(),
+        };
+        match Worker::start(queues, &self.opts.tag) {
+            Ok(w) => {
+                // Requests made before the worker existed.
+                w.kick();
+                self.worker = Some(w);
+            }
+            Err(e) => {
+                error!("virtio-fs {}: {}", self.opts.tag, crate::error_chain(&e));
+                active.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+
+    fn process_queue(&mut self, _: &mut Active, _index: usize, _: &mut dyn Sources) -> bool {
+        if let Some(w) = &self.worker {
+            w.kick();
+        }
+        false
+    }
+}
