@@ -52,6 +52,8 @@ pub enum Error {
     },
     #[error("cannot create the fs worker's eventfd")]
     EventFd(#[source] io::Error),
+    #[error("cannot start the fs worker thread")]
+    Thread(#[source] io::Error),
 }
 
 /// How to build the device: one `fs` config entry.
@@ -197,10 +199,7 @@ impl Worker {
                     let _ = again.write(1);
                 }
             })
-            .map_err(|e| Error::Serve {
-                path: PathBuf::from(tag),
-                source: e,
-            })?;
+            .map_err(Error::Thread)?;
         Ok(Self { kick, thread })
     }
 
