@@ -371,11 +371,28 @@ impl MmioTransport {
                 }
             }
         }
+        let queue_evts = if slot.device.waits_on_queues() {
+            match self.clone_queue_evts() {
+                Ok(evts) => evts,
+                Err(e) => {
+                    log::warn!(
+                        "virtio-mmio: device not started: {}",
+                        crate::error_chain(&e)
+                    );
+                    drop(slot);
+                    self.interrupt.set_needs_reset();
+                    return;
+                }
+            }
+        } else {
+            Vec::new()
+        };
         slot.activate(Active {
             mem: self.mem.clone(),
             queues,
             acked_features: self.acked_features,
             interrupt: self.interrupt.clone(),
+            queue_evts,
         });
         drop(slot);
         self.kick_event_loop();

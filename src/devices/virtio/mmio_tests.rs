@@ -374,3 +374,62 @@ fn device_sources_reach_the_device_while_active() {
     assert_eq!(em.run_with_timeout(50).unwrap(), 0);
     assert_eq!(events(), 2);
 }
+
+/// A device that waits on its queues itself: it gets their eventfds at
+/// activation, and the event loop never calls its process_queue.
+struct SelfServed {
+    got_evts: Arc<std::sync::atomic::AtomicUsize>,
+    processed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl VirtioDevice for SelfServed {
+    fn device_type(&self) -> u32 {
+        0x7e58
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn avail_features(&self) -> u64 {
+        features::COMMON
+    }
+    fn waits_on_queues(&self) -> bool {
+        true
+    }
+    fn activate(&mut self, active: &mut Active) {
+        self.got_evts
+            .store(active.queue_evts.len(), std::sync::atomic::Ordering::SeqCst);
+    }
+    fn process_queue(&mut self, _: &mut Active, _: usize, _: &mut dyn Sources) -> bool {
+        self.processed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        false
+    }
+}
+
+#[test]
+fn a_device_that_waits_on_its_queues_gets_their_eventfds_not_the_event_loop() {
+    let mem = guest_mem();
+    let got_evts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let processed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dev = VirtioMmioDevice::new(
+        SelfServed {
+            got_evts: got_evts.clone(),
+            processed: processed.clone(),
+        },
+        mem.clone(),
+    )
+    .unwrap();
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    em.add_subscriber(dev.subscriber.clone());
+    let mut d = Driver::from_transport(dev.transport.clone(), mem);
+    d.init(0);
+    em.run_with_timeout(100).unwrap();
+    assert_eq!(got_evts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    dev.queue_evts[0].write(1).unwrap();
+    assert_eq!(
+        em.run_with_timeout(50).unwrap(),
+        0,
+        "the event loop does not watch it"
+    );
+    assert_eq!(processed.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

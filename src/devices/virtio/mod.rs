@@ -211,6 +211,10 @@ pub struct Active {
     pub acked_features: u64,
     /// Where to signal used buffers, config changes and fatal errors.
     pub interrupt: Interrupt,
+    /// For a device that waits for the driver's notifications itself
+    /// ([`VirtioDevice::waits_on_queues`]): one eventfd per queue, signalled
+    /// on QueueNotify. Empty for the others.
+    pub queue_evts: Vec<EventFd>,
 }
 
 impl Active {
@@ -280,6 +284,13 @@ pub trait VirtioDevice: Send {
             "virtio: {}-byte config write at {offset:#x} ignored",
             data.len()
         );
+    }
+    /// Whether the device waits on its queues' notification eventfds
+    /// itself, on a thread of its own (they come in [`Active::queue_evts`]),
+    /// instead of having the event loop call [`VirtioDevice::process_queue`]:
+    /// a notification then costs no hop through the event loop.
+    fn waits_on_queues(&self) -> bool {
+        false
     }
     /// The driver set DRIVER_OK; `active` holds the validated queues. A
     /// device that processes a queue on its own thread takes it out of

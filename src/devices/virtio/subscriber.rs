@@ -89,7 +89,8 @@ impl DeviceSubscriber {
         let active = {
             let mut slot = lock(&self.slot);
             slot.sync_sources(&mut LoopSources(ops));
-            slot.is_active()
+            // A device that waits on its queues itself gets no queue events.
+            slot.is_active() && !slot.device.waits_on_queues()
         };
         if active == self.watching_queues {
             return;

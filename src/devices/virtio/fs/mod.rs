@@ -5,8 +5,9 @@
 //! Queues: hiprio (FORGET, INTERRUPT) and one request queue. Requests run on
 //! a worker thread of the device's own, started when the driver sets
 //! DRIVER_OK and joined at reset: a slow request (a big read, a slow disk)
-//! stalls neither the vCPUs nor the other devices on the event loop, which
-//! only wakes the worker when the guest notifies a queue.
+//! stalls neither the vCPUs nor the other devices on the event loop. The
+//! worker waits on the queues' notification eventfds itself, so a request
+//! costs no hop through the event loop.
 //!
 //! The guest mounts it with `mount -t virtiofs <tag> <dir>`.
 
@@ -25,9 +26,12 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
-use log::{debug, error, warn};
+use log::{debug, error};
+use std::os::fd::AsRawFd;
+
 use virtio_queue::{DescriptorChain, Queue};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::guard::{FdBudget, Guard};
 use super::queue::{Cursor, Outcome};
@@ -50,8 +54,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("cannot create the fs worker's eventfd")]
-    EventFd(#[source] io::Error),
+    #[error("cannot set up the fs worker's wakeups")]
+    Wakeup(#[source] io::Error),
     #[error("cannot start the fs worker thread")]
     Thread(#[source] io::Error),
 }
@@ -144,16 +148,18 @@ pub fn handle_chain(server: &FsServer, chain: DescriptorChain<&GuestMem>, mem: &
 
 /// The thread that serves the queues while the device is active.
 struct Worker {
-    kick: EventFd,
+    stop: EventFd,
     thread: JoinHandle<()>,
 }
 
-/// What the worker owns: the queues taken from the activation.
+/// What the worker owns: the queues taken from the activation and the
+/// eventfds the driver's notifications arrive on.
 struct Queues {
     server: Arc<FsServer>,
     mem: GuestMem,
     interrupt: Interrupt,
     queues: Vec<Queue>,
+    notify: Vec<EventFd>,
 }
 
 impl Queues {
@@ -173,44 +179,71 @@ impl Queues {
     }
 }
 
-/// Set in the kick counter to ask the worker to stop (a notification adds
-/// 1, so the counter never reaches it otherwise).
-const STOP: u64 = 1 << 40;
+/// epoll data of the stop eventfd; queue `i` uses `i`.
+const STOP_TOKEN: u64 = u64::MAX;
 
 impl Worker {
+    /// Starts the thread: it waits on the queues' notification eventfds
+    /// itself (no hop through the event loop) and on a stop eventfd.
     fn start(mut queues: Queues, tag: &str) -> Result<Self, Error> {
-        // A blocking eventfd: the worker sleeps in read().
-        let kick = EventFd::new(0).map_err(Error::EventFd)?;
-        let wait = kick.try_clone().map_err(Error::EventFd)?;
-        let again = kick.try_clone().map_err(Error::EventFd)?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::Wakeup)?;
+        let epoll = Epoll::new().map_err(Error::Wakeup)?;
+        let watch = |fd: &EventFd, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(Error::Wakeup)
+        };
+        watch(&stop, STOP_TOKEN)?;
+        for (i, evt) in queues.notify.iter().enumerate() {
+            watch(evt, u64::try_from(i).unwrap_or(STOP_TOKEN - 1))?;
+        }
+        let stop_evt = stop.try_clone().map_err(Error::Wakeup)?;
         let thread = std::thread::Builder::new()
             .name(format!("kiln-fs-{tag}"))
-            .spawn(move || loop {
-                match wait.read() {
-                    Ok(n) if n >= STOP => return,
-                    Ok(_) => {}
-                    Err(e) => {
-                        error!("virtio-fs worker: cannot wait for work: {e}");
-                        return;
+            .spawn(move || {
+                let mut events = [EpollEvent::default(); 4];
+                // Requests made before the worker existed.
+                let mut more = true;
+                loop {
+                    if more {
+                        more = queues.serve_all();
                     }
-                }
-                if queues.serve_all() {
-                    // Budget out: come back after a fresh look at STOP.
-                    let _ = again.write(1);
+                    // With work left, only look for a stop and go on.
+                    let timeout = if more { 0 } else { -1 };
+                    let n = match epoll.wait(timeout, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            error!("virtio-fs worker: cannot wait for work: {e}");
+                            return;
+                        }
+                    };
+                    for e in &events[..n] {
+                        if e.data() == STOP_TOKEN {
+                            return;
+                        }
+                        // Drains the counter; a failure means it was 0.
+                        let i = usize::try_from(e.data()).unwrap_or(usize::MAX);
+                        if let Some(evt) = queues.notify.get(i) {
+                            let _ = evt.read();
+                        }
+                        more = true;
+                    }
                 }
             })
             .map_err(Error::Thread)?;
-        Ok(Self { kick, thread })
-    }
-
-    fn kick(&self) {
-        if let Err(e) = self.kick.write(1) {
-            warn!("virtio-fs: cannot wake the worker: {e}");
-        }
+        Ok(Self {
+            stop: stop_evt,
+            thread,
+        })
     }
 
     fn stop(self) {
-        let _ = self.kick.write(STOP);
+        let _ = self.stop.write(1);
         if self.thread.join().is_err() {
             error!("virtio-fs worker panicked");
         }
@@ -296,13 +329,10 @@ impl VirtioDevice for Fs {
             mem: active.mem.clone(),
             interrupt: active.interrupt.clone(),
             queues: active.queues.iter_mut().map(std::mem::take).collect(),
+            notify: std::mem::take(&mut active.queue_evts),
         };
         match Worker::start(queues, &self.opts.tag) {
-            Ok(w) => {
-                // Requests made before the worker existed.
-                w.kick();
-                self.worker = Some(w);
-            }
+            Ok(w) => self.worker = Some(w),
             Err(e) => {
                 error!("virtio-fs {}: {}", self.opts.tag, crate::error_chain(&e));
                 active.interrupt.set_needs_reset();
@@ -314,10 +344,12 @@ impl VirtioDevice for Fs {
         self.stop_worker();
     }
 
+    fn waits_on_queues(&self) -> bool {
+        true
+    }
+
     fn process_queue(&mut self, _: &mut Active, _index: usize, _: &mut dyn Sources) -> bool {
-        if let Some(w) = &self.worker {
-            w.kick();
-        }
+        // Never called: the worker waits on the queues itself.
         false
     }
 }
