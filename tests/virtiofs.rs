@@ -22,7 +22,10 @@ fn guest_reads_and_writes_a_shared_folder_and_cannot_escape_it() {
     std::fs::write(rw.join("host-wrote.txt"), "written on the host\n").unwrap();
     std::fs::write(ro.join("file.txt"), "read-only content\n").unwrap();
     std::fs::write(outside.join("host-only-marker"), "secret").unwrap();
-    assert!(Path::new("/etc/os-release").exists(), "the host check needs /etc/os-release");
+    assert!(
+        Path::new("/etc/os-release").exists(),
+        "the host check needs /etc/os-release"
+    );
     std::os::unix::fs::symlink("/etc", rw.join("etc-link")).unwrap();
     std::os::unix::fs::symlink(&outside, rw.join("out-link")).unwrap();
     std::os::unix::fs::symlink("../outside", rw.join("rel-link")).unwrap();
