@@ -95,6 +95,18 @@ pub mod device_type {
     pub const FS: u32 = 26;
 }
 
+/// Reads `data.len()` bytes of a device's config space `config` at
+/// `offset`; bytes outside it read as all ones.
+pub(crate) fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    let range = usize::try_from(offset)
+        .ok()
+        .and_then(|start| Some(start..start.checked_add(data.len())?));
+    match range.and_then(|r| config.get(r)) {
+        Some(bytes) => data.copy_from_slice(bytes),
+        None => data.fill(0xff),
+    }
+}
+
 /// Low 32 bits of a 64-bit register pair.
 pub(crate) fn lo32(v: u64) -> u32 {
     u32::try_from(v & 0xffff_ffff).unwrap_or(u32::MAX)

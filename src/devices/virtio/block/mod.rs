@@ -15,7 +15,7 @@ use vm_memory::Bytes;
 
 use self::request::{Disk, ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
 use super::queue::Outcome;
-use super::{device_type, features, Active, GuestMem, Sources, VirtioDevice};
+use super::{device_type, features, read_config_space, Active, GuestMem, Sources, VirtioDevice};
 
 /// §5.2.3 feature bits.
 pub mod feature_bits {
@@ -196,13 +196,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let range = usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some(start..start.checked_add(data.len())?));
-        match range.and_then(|r| self.config.get(r)) {
-            Some(bytes) => data.copy_from_slice(bytes),
-            None => data.fill(0xff),
-        }
+        read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -35,7 +35,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::guard::{FdBudget, Guard};
 use super::queue::{Cursor, Outcome};
-use super::{device_type, features, Active, GuestMem, Interrupt, Sources, VirtioDevice};
+use super::{
+    device_type, features, read_config_space, Active, GuestMem, Interrupt, Sources, VirtioDevice,
+};
 
 /// §5.11.2: hiprio, then the request queues.
 pub const HIPRIO_QUEUE: usize = 0;
@@ -305,13 +307,7 @@ impl VirtioDevice for Fs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let range = usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some(start..start.checked_add(data.len())?));
-        match range.and_then(|r| self.config.get(r)) {
-            Some(bytes) => data.copy_from_slice(bytes),
-            None => data.fill(0xff),
-        }
+        read_config_space(&self.config, offset, data);
     }
 
     fn activate(&mut self, active: &mut Active) {

@@ -26,7 +26,7 @@ use self::conn::MAX_PKT_DATA;
 use self::muxer::Muxer;
 use self::packet::{Header, HEADER_SIZE};
 use super::queue::{Outcome, MAX_CHAINS_PER_DRAIN};
-use super::{device_type, features, Active, Sources, VirtioDevice};
+use super::{device_type, features, read_config_space, Active, Sources, VirtioDevice};
 
 /// §5.10.2: receiveq, transmitq, eventq.
 pub const RXQ: usize = 0;
@@ -208,13 +208,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let range = usize::try_from(offset)
-            .ok()
-            .and_then(|start| Some(start..start.checked_add(data.len())?));
-        match range.and_then(|r| self.config.get(r)) {
-            Some(bytes) => data.copy_from_slice(bytes),
-            None => data.fill(0xff),
-        }
+        read_config_space(&self.config, offset, data);
     }
 
     fn reset(&mut self) {
