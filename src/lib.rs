@@ -4,6 +4,7 @@
 //! [`config::VmConfig`] (Firecracker's JSON schema), runs one thread per vCPU
 //! and one event loop for device I/O, and reports how the guest ended.
 
+pub mod agent;
 pub mod arch;
 pub mod cli;
 pub mod config;
@@ -11,7 +12,9 @@ pub mod devices;
 pub mod loader;
 pub mod logger;
 pub mod memory;
+pub mod protocol;
 pub mod quirks;
+pub mod run;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use kiln::cli::Cli;
+use kiln::cli::{Cli, Command};
 use kiln::config::VmConfig;
 use kiln::devices::legacy::output_fd::OutputFd;
 use kiln::error_chain;
@@ -19,11 +19,43 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Whether the command line is a `kiln run` (for the exit code of a usage
+/// error: 125 there, as `docker run` does).
+fn is_run() -> bool {
+    std::env::args()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "run")
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.exit_code() {
+                0 => ExitCode::SUCCESS,
+                _ if is_run() => ExitCode::from(kiln::run::code::KILN_FAILED),
+                c => ExitCode::from(u8::try_from(c).unwrap_or(2)),
+            };
+        }
+    };
+    match cli.command {
+        Some(Command::Run(args)) => {
+            ExitCode::from(kiln::run::main(args, cli.log_level.map(|l| l.filter())))
+        }
+        None => boot_config(&cli),
+    }
+}
+
+/// `kiln --config-file vm.json`.
+fn boot_config(cli: &Cli) -> ExitCode {
+    let Some(config_file) = cli.config_file.as_deref() else {
+        return fail("--config-file is required");
+    };
     // The logger comes first, from the parsed config, so that validation's
     // warnings reach it.
-    let config = VmConfig::parse_file(&cli.config_file);
+    let config = VmConfig::parse_file(config_file);
     let logger = config.as_ref().ok().and_then(|c| c.logger.as_ref());
     let log_options = kiln::logger::Options::new(logger, cli.log_level.map(|l| l.filter()));
     if let Err(e) = kiln::logger::init(&log_options) {

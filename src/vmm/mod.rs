@@ -242,6 +242,8 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     event_manager: EventManager<Subscriber>,
     exit: Arc<ExitSignal>,
+    /// Whether [`Vmm::run`] turns SIGTERM/SIGINT/SIGHUP into a stop.
+    stop_signals: bool,
     devices: Vec<AttachedDevice>,
     console: Arc<Mutex<ConsoleDrainer>>,
 }
@@ -395,6 +397,7 @@ impl Vmm {
             vcpus,
             event_manager,
             exit,
+            stop_signals: true,
             devices,
             console,
         })
@@ -460,8 +463,17 @@ impl Vmm {
 
     /// Runs the VM until the guest ends it or kiln is signalled; every vCPU
     /// thread is stopped and joined before this returns.
+    /// Leaves SIGTERM, SIGINT and SIGHUP to the caller (`kiln run` passes
+    /// them on to the command in the guest), instead of stopping the VM.
+    pub fn without_stop_signals(mut self) -> Self {
+        self.stop_signals = false;
+        self
+    }
+
     pub fn run(mut self) -> Result<RunOutcome, Error> {
-        signals::StopSignals::install(&mut self.event_manager, self.exit.clone())?;
+        if self.stop_signals {
+            signals::StopSignals::install(&mut self.event_manager, self.exit.clone())?;
+        }
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
         let mut start_error = None;
         for vcpu in self.vcpus.drain(..) {

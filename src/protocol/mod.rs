@@ -1,0 +1,365 @@
+//! The protocol between `kiln run` (the host) and its guest agent, over one
+//! virtio-vsock stream. Both sides use this module; it does no I/O of its
+//! own beyond reading and writing frames, so it is tested (and fuzzed)
+//! without a VM.
+//!
+//! # Connection
+//! The agent, once it has mounted what it needs, connects to the host (CID
+//! 2) at [`AGENT_PORT`]; with kiln's vsock device that reaches the UNIX
+//! socket `<uds_path>_1024` the host listens on. The agent speaks first.
+//!
+//! # Frames
+//! ```text
+//! le32 len | u8 kind | payload (len - 1 bytes)
+//! ```
+//! `len` counts the kind byte and the payload: 1 to [`MAX_FRAME`]. A frame
+//! longer than that, a kind this version does not know, or a payload that
+//! does not parse is a protocol error: the receiver drops the connection.
+//! Nothing is buffered beyond one frame.
+//!
+//! # Messages
+//! Agent to host:
+//! - `Hello { version }` (1): first frame; le32 version.
+//! - `Started` (2): the command runs.
+//! - `Stdout(bytes)` (3), `Stderr(bytes)` (4): the command's output, at most
+//!   [`MAX_DATA`] per frame, in order; with a terminal (`tty`) everything is
+//!   `Stdout`.
+//! - `StdinConsumed { bytes }` (5): le32, stdin bytes the agent passed on to
+//!   the command (the host's send window, see below).
+//! - `Exited(status)` (6): u8 0 + le32 exit code, or u8 1 + le32 signal
+//!   number. The last frame: all output came before it.
+//! - `Failed { code, message }` (7): the command could not start; u8 code
+//!   (126: not executable, 127: not found, 125: anything else) and UTF-8
+//!   text.
+//!
+//! Host to agent:
+//! - `Hello { version }` (16): the answer to the agent's.
+//! - `Exec(spec)` (17): what to run, [`ExecSpec`] as JSON.
+//! - `Stdin(bytes)` (18): for the command's stdin, at most [`MAX_DATA`].
+//! - `StdinEof` (19): close the command's stdin.
+//! - `Signal { signo }` (20): le32; the agent signals the command's process
+//!   group.
+//! - `Resize { rows, cols }` (21): le16 rows, le16 cols of the terminal.
+//!
+//! # Flow control
+//! Output: the agent reads the command's output only as fast as the host
+//! takes frames (vsock's credit does the rest), so a command printing
+//! faster than the host's stdout drains is slowed, not buffered. Input: the
+//! host keeps at most [`STDIN_WINDOW`] bytes of `Stdin` sent and not yet
+//! acknowledged by `StdinConsumed`, so the agent never holds more, and a
+//! command that does not read its stdin never blocks the agent's loop (it
+//! still receives `Signal`).
+//!
+//! # Versions
+//! [`VERSION`] is 1. Each side sends its version in `Hello`; a host and an
+//! agent with different versions refuse each other, naming both.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+/// The vsock port the agent connects to on the host.
+pub const AGENT_PORT: u32 = 1024;
+/// Largest frame (`len`): an `Exec` with a big environment fits.
+pub const MAX_FRAME: u32 = 1 << 20;
+/// Largest payload of a data frame (`Stdout`, `Stderr`, `Stdin`).
+pub const MAX_DATA: usize = 64 * 1024;
+/// Stdin bytes the host may have in flight.
+pub const STDIN_WINDOW: u32 = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connection failed")]
+    Io(#[from] io::Error),
+    #[error("frame of {0} bytes (at most {MAX_FRAME})")]
+    FrameLength(u32),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed {0} message")]
+    Malformed(&'static str),
+    #[error("malformed Exec message")]
+    Spec(#[source] serde_json::Error),
+}
+
+/// How the command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// A mount of a shared folder (virtio-fs) in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// The virtio-fs tag.
+    pub tag: String,
+    /// Absolute path in the guest.
+    pub path: String,
+    pub read_only: bool,
+}
+
+/// What the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    /// The command and its arguments; `argv[0]` is looked up in PATH.
+    pub argv: Vec<String>,
+    /// `K=V` entries: the whole environment.
+    pub env: Vec<String>,
+    /// Working directory (created if missing).
+    pub cwd: String,
+    /// `uid[:gid]` or a user name from the image's /etc/passwd; None: root.
+    pub user: Option<String>,
+    pub hostname: String,
+    /// Run on a pseudo-terminal.
+    pub tty: bool,
+    /// Initial terminal size (rows, cols) with `tty`.
+    pub winsize: Option<(u16, u16)>,
+    /// Forward stdin (else the command's stdin is /dev/null).
+    pub stdin: bool,
+    pub mounts: Vec<Mount>,
+    /// The root: the block device holding the image (read-only, under a
+    /// tmpfs overlay).
+    pub root_device: String,
+}
+
+/// One message, either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    AgentHello { version: u32 },
+    Started,
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    StdinConsumed { bytes: u32 },
+    Exited(ExitStatus),
+    Failed { code: u8, message: String },
+    HostHello { version: u32 },
+    Exec(Box<ExecSpec>),
+    Stdin(Vec<u8>),
+    StdinEof,
+    Signal { signo: i32 },
+    Resize { rows: u16, cols: u16 },
+}
+
+mod kind {
+    pub const AGENT_HELLO: u8 = 1;
+    pub const STARTED: u8 = 2;
+    pub const STDOUT: u8 = 3;
+    pub const STDERR: u8 = 4;
+    pub const STDIN_CONSUMED: u8 = 5;
+    pub const EXITED: u8 = 6;
+    pub const FAILED: u8 = 7;
+    pub const HOST_HELLO: u8 = 16;
+    pub const EXEC: u8 = 17;
+    pub const STDIN: u8 = 18;
+    pub const STDIN_EOF: u8 = 19;
+    pub const SIGNAL: u8 = 20;
+    pub const RESIZE: u8 = 21;
+}
+
+fn le32(p: &[u8], what: &'static str) -> Result<u32, Error> {
+    let b: [u8; 4] = p.try_into().map_err(|_| Error::Malformed(what))?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn i32_of(v: u32, what: &'static str) -> Result<i32, Error> {
+    i32::try_from(v).map_err(|_| Error::Malformed(what))
+}
+
+impl Msg {
+    /// The frame for this message, header included.
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, payload): (u8, Vec<u8>) = match self {
+            Msg::AgentHello { version } => (kind::AGENT_HELLO, version.to_le_bytes().to_vec()),
+            Msg::Started => (kind::STARTED, Vec::new()),
+            Msg::Stdout(d) => (kind::STDOUT, d.clone()),
+            Msg::Stderr(d) => (kind::STDERR, d.clone()),
+            Msg::StdinConsumed { bytes } => (kind::STDIN_CONSUMED, bytes.to_le_bytes().to_vec()),
+            Msg::Exited(status) => {
+                let (tag, v) = match *status {
+                    ExitStatus::Code(c) => (0u8, c),
+                    ExitStatus::Signal(s) => (1u8, s),
+                };
+                let mut p = vec![tag];
+                p.extend_from_slice(&v.to_le_bytes());
+                (kind::EXITED, p)
+            }
+            Msg::Failed { code, message } => {
+                let mut p = vec![*code];
+                p.extend_from_slice(message.as_bytes());
+                (kind::FAILED, p)
+            }
+            Msg::HostHello { version } => (kind::HOST_HELLO, version.to_le_bytes().to_vec()),
+            Msg::Exec(spec) => (
+                kind::EXEC,
+                // Serializing plain strings and numbers cannot fail.
+                serde_json::to_vec(spec).unwrap_or_default(),
+            ),
+            Msg::Stdin(d) => (kind::STDIN, d.clone()),
+            Msg::StdinEof => (kind::STDIN_EOF, Vec::new()),
+            Msg::Signal { signo } => (kind::SIGNAL, signo.to_le_bytes().to_vec()),
+            Msg::Resize { rows, cols } => {
+                let mut p = rows.to_le_bytes().to_vec();
+                p.extend_from_slice(&cols.to_le_bytes());
+                (kind::RESIZE, p)
+            }
+        };
+        let len = u32::try_from(payload.len() + 1).unwrap_or(u32::MAX);
+        let mut frame = Vec::with_capacity(payload.len() + 5);
+        frame.extend_from_slice(&len.to_le_bytes());
+        frame.push(kind);
+        frame.extend_from_slice(&payload);
+        frame
+    }
+
+    /// Parses one frame's kind and payload.
+    pub fn decode(kind: u8, p: &[u8]) -> Result<Msg, Error> {
+        let empty = |m: Msg, what| {
+            if p.is_empty() {
+                Ok(m)
+            } else {
+                Err(Error::Malformed(what))
+            }
+        };
+        Ok(match kind {
+            kind::AGENT_HELLO => Msg::AgentHello {
+                version: le32(p, "Hello")?,
+            },
+            kind::STARTED => return empty(Msg::Started, "Started"),
+            kind::STDOUT => Msg::Stdout(data(p, "Stdout")?),
+            kind::STDERR => Msg::Stderr(data(p, "Stderr")?),
+            kind::STDIN_CONSUMED => Msg::StdinConsumed {
+                bytes: le32(p, "StdinConsumed")?,
+            },
+            kind::EXITED => {
+                let (&tag, rest) = p.split_first().ok_or(Error::Malformed("Exited"))?;
+                let v = i32_of(le32(rest, "Exited")?, "Exited")?;
+                match tag {
+                    0 => Msg::Exited(ExitStatus::Code(v)),
+                    1 => Msg::Exited(ExitStatus::Signal(v)),
+                    _ => return Err(Error::Malformed("Exited")),
+                }
+            }
+            kind::FAILED => {
+                let (&code, rest) = p.split_first().ok_or(Error::Malformed("Failed"))?;
+                Msg::Failed {
+                    code,
+                    message: String::from_utf8_lossy(rest).into_owned(),
+                }
+            }
+            kind::HOST_HELLO => Msg::HostHello {
+                version: le32(p, "Hello")?,
+            },
+            kind::EXEC => Msg::Exec(Box::new(serde_json::from_slice(p).map_err(Error::Spec)?)),
+            kind::STDIN => Msg::Stdin(data(p, "Stdin")?),
+            kind::STDIN_EOF => return empty(Msg::StdinEof, "StdinEof"),
+            kind::SIGNAL => Msg::Signal {
+                signo: i32_of(le32(p, "Signal")?, "Signal")?,
+            },
+            kind::RESIZE => {
+                let b: [u8; 4] = p.try_into().map_err(|_| Error::Malformed("Resize"))?;
+                Msg::Resize {
+                    rows: u16::from_le_bytes([b[0], b[1]]),
+                    cols: u16::from_le_bytes([b[2], b[3]]),
+                }
+            }
+            k => return Err(Error::UnknownKind(k)),
+        })
+    }
+}
+
+fn data(p: &[u8], what: &'static str) -> Result<Vec<u8>, Error> {
+    if p.is_empty() || p.len() > MAX_DATA {
+        return Err(Error::Malformed(what));
+    }
+    Ok(p.to_vec())
+}
+
+/// Reads one frame, blocking. `Ok(None)` at a clean end of stream between
+/// frames.
+pub fn read_msg(r: &mut impl Read) -> Result<Option<Msg>, Error> {
+    let mut head = [0u8; 4];
+    match read_full(r, &mut head)? {
+        0 => return Ok(None),
+        4 => {}
+        _ => return Err(Error::Io(io::ErrorKind::UnexpectedEof.into())),
+    }
+    let len = u32::from_le_bytes(head);
+    if len == 0 || len > MAX_FRAME {
+        return Err(Error::FrameLength(len));
+    }
+    let mut frame = vec![0u8; usize::try_from(len).map_err(|_| Error::FrameLength(len))?];
+    if read_full(r, &mut frame)? != frame.len() {
+        return Err(Error::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Msg::decode(frame[0], &frame[1..]).map(Some)
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Writes one frame, blocking.
+pub fn write_msg(w: &mut impl Write, msg: &Msg) -> Result<(), Error> {
+    w.write_all(&msg.encode())?;
+    Ok(())
+}
+
+/// Splits a byte stream into frames as it arrives, for non-blocking
+/// readers: push what was read, take whole messages out. Holds at most one
+/// frame.
+#[derive(Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    /// How many more bytes the decoder wants before it can yield a frame.
+    pub fn wants(&self) -> usize {
+        if self.buf.len() < 4 {
+            return 4 - self.buf.len();
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        let total = usize::try_from(len).unwrap_or(usize::MAX).saturating_add(4);
+        total.saturating_sub(self.buf.len()).max(1)
+    }
+
+    /// Adds bytes; at most [`Decoder::wants`] should be given at a time.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, if one is buffered.
+    pub fn next_msg(&mut self) -> Result<Option<Msg>, Error> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        if len == 0 || len > MAX_FRAME {
+            return Err(Error::FrameLength(len));
+        }
+        let total = usize::try_from(len).map_err(|_| Error::FrameLength(len))? + 4;
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        let msg = Msg::decode(self.buf[4], &self.buf[5..total]);
+        self.buf.drain(..total);
+        msg.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests;

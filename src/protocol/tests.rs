@@ -1,0 +1,123 @@
+use super::*;
+
+fn all_messages() -> Vec<Msg> {
+    vec![
+        Msg::AgentHello { version: VERSION },
+        Msg::Started,
+        Msg::Stdout(b"out".to_vec()),
+        Msg::Stderr(vec![0, 255, 10]),
+        Msg::StdinConsumed { bytes: 4096 },
+        Msg::Exited(ExitStatus::Code(42)),
+        Msg::Exited(ExitStatus::Signal(9)),
+        Msg::Failed {
+            code: 127,
+            message: "nope: not found".into(),
+        },
+        Msg::HostHello { version: VERSION },
+        Msg::Exec(Box::new(ExecSpec {
+            argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+            env: vec!["A=1".into()],
+            cwd: "/src".into(),
+            user: Some("1000:1000".into()),
+            hostname: "kiln".into(),
+            tty: true,
+            winsize: Some((24, 80)),
+            stdin: true,
+            mounts: vec![Mount {
+                tag: "m0".into(),
+                path: "/src".into(),
+                read_only: true,
+            }],
+            root_device: "/dev/vda".into(),
+        })),
+        Msg::Stdin(vec![1; MAX_DATA]),
+        Msg::StdinEof,
+        Msg::Signal { signo: 15 },
+        Msg::Resize { rows: 50, cols: 132 },
+    ]
+}
+
+#[test]
+fn every_message_round_trips_through_both_readers() {
+    let mut stream = Vec::new();
+    for m in all_messages() {
+        write_msg(&mut stream, &m).unwrap();
+    }
+    // Blocking reader.
+    let mut r = stream.as_slice();
+    for m in all_messages() {
+        assert_eq!(read_msg(&mut r).unwrap(), Some(m));
+    }
+    assert_eq!(read_msg(&mut r).unwrap(), None);
+    // Incremental decoder, fed a byte at a time and in odd chunks.
+    for chunk in [1usize, 3, 7, 4096] {
+        let mut d = Decoder::default();
+        let mut got = Vec::new();
+        let mut rest = stream.as_slice();
+        while !rest.is_empty() {
+            let n = d.wants().min(chunk).min(rest.len());
+            d.push(&rest[..n]);
+            rest = &rest[n..];
+            while let Some(m) = d.next_msg().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, all_messages(), "chunk {chunk}");
+    }
+}
+
+#[test]
+fn hostile_frames_are_errors() {
+    let frame = |len: u32, kind: u8, payload: &[u8]| {
+        let mut f = len.to_le_bytes().to_vec();
+        f.push(kind);
+        f.extend_from_slice(payload);
+        f
+    };
+    let cases: Vec<Vec<u8>> = vec![
+        0u32.to_le_bytes().to_vec(),
+        frame(MAX_FRAME + 1, 3, b""),
+        frame(u32::MAX, 3, b""),
+        frame(1, 99, b""),
+        frame(1, 0, b""),
+        frame(3, 1, b"ab"),       // Hello too short
+        frame(2, 2, b"x"),        // Started with a payload
+        frame(1, 3, b""),         // empty Stdout
+        frame(3, 6, b"\x02a"),    // Exited bad tag / short
+        frame(6, 6, b"\x00\xff\xff\xff\xff"), // exit code past i32: 0xffffffff is -1 as i32? no: u32 > i32::MAX
+        frame(1, 7, b""),         // Failed without a code
+        frame(4, 17, b"{x}"),     // Exec not JSON
+        frame(3, 21, b"ab"),      // Resize short
+    ];
+    for (i, bytes) in cases.iter().enumerate() {
+        let mut r = bytes.as_slice();
+        assert!(read_msg(&mut r).is_err(), "case {i}");
+        let mut d = Decoder::default();
+        d.push(bytes);
+        assert!(d.next_msg().is_err() || d.wants() > 0, "case {i}");
+    }
+    // An Exec with a field this version does not know.
+    let p = br#"{"argv":[],"env":[],"cwd":"/","user":null,"hostname":"h","tty":false,"winsize":null,"stdin":false,"mounts":[],"root_device":"/dev/vda","extra":1}"#;
+    assert!(Msg::decode(17, p).is_err());
+    // A frame cut short is an error, not a clean end.
+    let mut cut = Msg::Stdout(b"abcdef".to_vec()).encode();
+    cut.truncate(7);
+    assert!(read_msg(&mut cut.as_slice()).is_err());
+}
+
+#[test]
+fn random_bytes_never_panic() {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..20_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = usize::try_from(x % 64).unwrap();
+        let bytes: Vec<u8> = (0..n)
+            .map(|i| x.rotate_left(u32::try_from(i % 64).unwrap()).to_le_bytes()[0])
+            .collect();
+        let _ = read_msg(&mut bytes.as_slice());
+        let kind = bytes.first().copied().unwrap_or(0);
+        let _ = Msg::decode(kind, bytes.get(1..).unwrap_or(&[]));
+    }
+}

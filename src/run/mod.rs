@@ -1,0 +1,471 @@
+//! `kiln run`: a command in a fresh microVM, with its output and exit code.
+//!
+//! The recipe: a per-run directory ([`rundir`]); the image as a read-only
+//! ext4 drive; an initramfs holding only kiln's agent ([`initramfs`]); a VM
+//! with the image drive, a vsock device (the agent's channel), an entropy
+//! device and one virtio-fs device per `--mount`, built and run in this
+//! process by the same [`Vmm`] as `--config-file`; then the session with the
+//! agent ([`host`]) until the command's exit status, and the VM's end.
+
+mod host;
+pub mod initramfs;
+pub mod rundir;
+
+use std::io::{IsTerminal, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cli::RunArgs;
+use crate::config::VmConfig;
+use crate::protocol::{self, ExecSpec, ExitStatus, Msg, AGENT_PORT, VERSION};
+use crate::terminal::RawMode;
+use crate::vmm::exit::ExitReason;
+use crate::vmm::{ConsoleIo, ConsoleOutput, Vmm};
+use host::Ending;
+
+/// Exit codes (as `docker run` and `timeout` use them).
+pub mod code {
+    pub const TIMEOUT: u8 = 124;
+    pub const KILN_FAILED: u8 = 125;
+    pub const NOT_EXECUTABLE: u8 = 126;
+    pub const NOT_FOUND: u8 = 127;
+}
+
+/// How long the guest has to boot and its agent to call in.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the VM has to end after the command did.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Console lines kept to explain a failure.
+const CONSOLE_TAIL: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no guest kernel: {} does not exist (build it with tools/build-guest-kernel, or pass --kernel)", .0.display())]
+    NoKernel(PathBuf),
+    #[error("cannot find kiln's guest agent at {} (it is built beside kiln as kiln-agent)", .0.display())]
+    NoAgent(PathBuf),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--env-file {}: line {line} is not K=V", path.display())]
+    EnvFile { path: PathBuf, line: usize },
+    #[error("--mount {}: not a directory", .0.display())]
+    MountNotDir(PathBuf),
+    #[error("the VM cannot be built")]
+    Config(#[source] crate::config::Error),
+    #[error("the VM cannot be built")]
+    Vmm(#[source] crate::vmm::Error),
+    #[error("image {}", .0.display())]
+    Image(PathBuf, #[source] ImageError),
+    #[error("the guest did not start kiln's agent within {0:?}")]
+    BootTimeout(Duration),
+    #[error("the VM ended before its agent called in ({0})")]
+    VmEnded(String),
+    #[error("the agent")]
+    Protocol(#[source] protocol::Error),
+    #[error("the agent speaks protocol version {0}, this kiln {VERSION}")]
+    Version(u32),
+    #[error("no command: give one after `--` (the image has no Entrypoint or Cmd)")]
+    NoCommand,
+}
+
+/// What went wrong with an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("is not an ext4 image (other image formats are not supported yet)")]
+    Unsupported,
+    #[error("cannot be read")]
+    Read(#[source] std::io::Error),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// `${XDG_CACHE_HOME:-~/.cache}/kiln`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("kiln")
+}
+
+/// The image's root file system and defaults.
+struct Image {
+    ext4: PathBuf,
+    env: Vec<String>,
+    working_dir: Option<String>,
+    user: Option<String>,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+}
+
+/// An ext4 file is used as is.
+fn prepare_image(spec: Option<&Path>) -> Result<Image, Error> {
+    let path = match spec {
+        Some(p) => p.to_path_buf(),
+        None => cache_dir().join("rootfs.ext4"),
+    };
+    let mut magic = [0u8; 2];
+    let read = std::fs::File::open(&path).and_then(|f| {
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut magic, 1080)
+    });
+    match read {
+        Ok(()) if magic == [0x53, 0xef] => Ok(Image {
+            ext4: path,
+            env: Vec::new(),
+            working_dir: None,
+            user: None,
+            entrypoint: Vec::new(),
+            cmd: vec!["/bin/sh".into()],
+        }),
+        Ok(()) => Err(Error::Image(path, ImageError::Unsupported)),
+        Err(e) => Err(Error::Image(path, ImageError::Read(e))),
+    }
+}
+
+/// `--env`, `--env-file` and the image's Env, with PATH and TERM defaults.
+fn environment(args: &RunArgs, image: &Image) -> Result<Vec<String>, Error> {
+    let mut env: Vec<(String, String)> = vec![(
+        "PATH".into(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+    )];
+    let mut set = |k: &str, v: &str| {
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_string(), v.to_string()));
+    };
+    for kv in &image.env {
+        if let Some((k, v)) = kv.split_once('=') {
+            set(k, v);
+        }
+    }
+    if args.tty {
+        set("TERM", &std::env::var("TERM").unwrap_or_else(|_| "xterm".into()));
+    }
+    for path in &args.env_files {
+        let text = std::fs::read_to_string(path).map_err(io_err(format!(
+            "--env-file {}: cannot read it",
+            path.display()
+        )))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = line.split_once('=').ok_or(Error::EnvFile {
+                path: path.clone(),
+                line: i + 1,
+            })?;
+            set(k.trim(), v);
+        }
+    }
+    for kv in &args.env {
+        match kv.split_once('=') {
+            Some((k, v)) => set(k, v),
+            None => {
+                if let Ok(v) = std::env::var(kv) {
+                    set(kv, &v);
+                }
+            }
+        }
+    }
+    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+/// Keeps the guest console's last lines (to explain a failure), and shows
+/// it on stderr when asked.
+#[derive(Clone)]
+struct ConsoleTail {
+    lines: Arc<Mutex<Vec<u8>>>,
+    show: bool,
+}
+
+impl Write for ConsoleTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.show {
+            let _ = std::io::stderr().write_all(buf);
+        }
+        let mut l = crate::devices::bus::lock(&self.lines);
+        l.extend_from_slice(buf);
+        let excess = l.len().saturating_sub(16 * 1024);
+        l.drain(..excess);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ConsoleTail {
+    fn tail(&self) -> String {
+        let l = crate::devices::bus::lock(&self.lines);
+        let text = String::from_utf8_lossy(&l);
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(CONSOLE_TAIL);
+        lines[start..].join("\n")
+    }
+}
+
+/// Runs `kiln run`; returns kiln's exit code.
+pub fn main(args: RunArgs, log_level: Option<log::LevelFilter>) -> u8 {
+    let level = log_level.unwrap_or(log::LevelFilter::Warn);
+    let opts = crate::logger::Options::new(None, Some(level));
+    if let Err(e) = crate::logger::init(&opts) {
+        eprintln!("kiln: error: {}", crate::error_chain(&e));
+        return code::KILN_FAILED;
+    }
+    let show_console = args.console || level >= log::LevelFilter::Debug;
+    let console = ConsoleTail {
+        lines: Arc::default(),
+        show: show_console,
+    };
+    match run(&args, console.clone()) {
+        Ok(ending) => finish(ending, &console),
+        Err(e) => {
+            eprintln!("kiln: error: {}", crate::error_chain(&e));
+            if matches!(e, Error::VmEnded(_) | Error::BootTimeout(_)) && !show_console {
+                eprintln!("kiln: the guest console's last lines:\n{}", console.tail());
+            }
+            code::KILN_FAILED
+        }
+    }
+}
+
+fn finish(ending: Ending, console: &ConsoleTail) -> u8 {
+    match ending {
+        Ending::Exited(ExitStatus::Code(c)) => u8::try_from(c & 0xff).unwrap_or(code::KILN_FAILED),
+        Ending::Exited(ExitStatus::Signal(s)) => u8::try_from(128 + (s & 0x7f)).unwrap_or(code::KILN_FAILED),
+        Ending::Failed(c, message) => {
+            eprintln!("kiln: {message}");
+            c
+        }
+        Ending::TimedOut => {
+            eprintln!("kiln: --timeout: the command was stopped");
+            code::TIMEOUT
+        }
+        Ending::Signalled(s) => {
+            eprintln!("kiln: the command did not end after signal {s}; the VM was stopped");
+            u8::try_from(128 + (s & 0x7f)).unwrap_or(code::KILN_FAILED)
+        }
+        Ending::Lost(why) => {
+            eprintln!("kiln: error: the command's exit status never arrived: {why}");
+            eprintln!("kiln: the guest console's last lines:\n{}", console.tail());
+            code::KILN_FAILED
+        }
+    }
+}
+
+fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
+    let kernel = args
+        .kernel
+        .clone()
+        .unwrap_or_else(|| cache_dir().join("vmlinux"));
+    if !kernel.exists() {
+        return Err(Error::NoKernel(kernel));
+    }
+    let exe = std::env::current_exe().map_err(io_err("cannot find kiln's own executable"))?;
+    let agent = exe.with_file_name("kiln-agent");
+    if !agent.is_file() {
+        return Err(Error::NoAgent(agent));
+    }
+    for m in &args.mounts {
+        if !m.host.is_dir() {
+            return Err(Error::MountNotDir(m.host.clone()));
+        }
+    }
+    let image = prepare_image(args.image.as_deref())?;
+    let argv: Vec<String> = if args.command.is_empty() {
+        image.entrypoint.iter().chain(&image.cmd).cloned().collect()
+    } else {
+        image.entrypoint.iter().chain(&args.command).cloned().collect()
+    };
+    if argv.is_empty() {
+        return Err(Error::NoCommand);
+    }
+    let env = environment(args, &image)?;
+
+    let dir = rundir::RunDir::create(&rundir::base()).map_err(io_err("cannot make the run directory"))?;
+    let initrd = dir.path().join("initramfs.cpio");
+    initramfs::write(&initrd, &agent).map_err(io_err("cannot write the initramfs"))?;
+    let uds = dir.path().join("v.sock");
+    let agent_sock = PathBuf::from(format!("{}_{AGENT_PORT}", uds.display()));
+    let listener = std::os::unix::net::UnixListener::bind(&agent_sock)
+        .map_err(io_err("cannot listen for the agent"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("cannot listen for the agent"))?;
+
+    let fs: Vec<serde_json::Value> = args
+        .mounts
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            serde_json::json!({ "tag": format!("m{i}"), "path_on_host": m.host, "read_only": m.read_only })
+        })
+        .collect();
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel,
+            "initrd_path": initrd,
+            "boot_args": "console=ttyS0 reboot=k panic=1 quiet",
+        },
+        "machine-config": { "vcpu_count": args.cpus, "mem_size_mib": args.memory },
+        "drives": [{
+            "drive_id": "image", "path_on_host": image.ext4,
+            "is_root_device": false, "is_read_only": true,
+        }],
+        "vsock": { "guest_cid": 3, "uds_path": uds },
+        "entropy": {},
+        "fs": fs,
+    });
+    let config = VmConfig::from_json(&config.to_string()).map_err(Error::Config)?;
+
+    // Signals are ours to pass on: block them before any VM thread starts
+    // (they inherit the mask), and read them from a signalfd.
+    let signals = host::signal_fd().map_err(io_err("cannot watch signals"))?;
+    let vmm = Vmm::build(
+        &config,
+        ConsoleIo {
+            output: ConsoleOutput::Writer(Box::new(console.clone())),
+            input: None,
+        },
+    )
+    .map_err(Error::Vmm)?
+    .without_stop_signals();
+    let exit = vmm.exit_signal();
+    let vm_ended = Arc::new(AtomicBool::new(false));
+    let vm_thread = {
+        let vm_ended = vm_ended.clone();
+        std::thread::Builder::new()
+            .name("kiln-vm".into())
+            .spawn(move || {
+                let r = vmm.run();
+                vm_ended.store(true, Ordering::SeqCst);
+                r
+            })
+            .map_err(io_err("cannot start the VM thread"))?
+    };
+    // From here on the VM runs: it is stopped on every way out.
+    let stop_vm = |why: &str| exit.report(ExitReason::Stopped(why.to_string()));
+    let result = (|| {
+        let stream = accept_agent(&listener, &vm_ended)?;
+        let tty = args.tty && std::io::stdin().is_terminal();
+        let spec = ExecSpec {
+            argv,
+            env,
+            cwd: args
+                .workdir
+                .clone()
+                .or(image.working_dir.clone())
+                .unwrap_or_else(|| "/".into()),
+            user: args.user.clone().or(image.user.clone()),
+            hostname: "kiln".into(),
+            tty: args.tty,
+            winsize: if args.tty {
+                host::winsize(std::io::stdin().as_raw_fd())
+            } else {
+                None
+            },
+            stdin: args.interactive,
+            mounts: args
+                .mounts
+                .iter()
+                .enumerate()
+                .map(|(i, m)| protocol::Mount {
+                    tag: format!("m{i}"),
+                    path: m.guest.clone(),
+                    read_only: m.read_only,
+                })
+                .collect(),
+            root_device: "/dev/vda".into(),
+        };
+        let mut stream = stream;
+        greet(&mut stream, spec)?;
+        let _raw = if tty && args.interactive {
+            RawMode::enable(std::io::stdin().as_fd()).map_err(io_err("cannot put the terminal in raw mode"))?
+        } else {
+            None
+        };
+        Ok(host::session(
+            stream,
+            host::Watch {
+                signals: &signals,
+                timeout: args.timeout,
+                vm_ended: &vm_ended,
+                stdin: args.interactive,
+                tty: args.tty,
+            },
+        ))
+    })();
+    // The agent powers the VM off after reporting; make sure it ends.
+    let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+    let natural_end = matches!(result, Ok(Ending::Exited(_)) | Ok(Ending::Failed(..)));
+    if !natural_end {
+        stop_vm("the run is over");
+    }
+    while !vm_ended.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !vm_ended.load(Ordering::SeqCst) {
+        log::warn!("the VM did not power off after the command ended; stopping it");
+        stop_vm("the VM did not power off");
+    }
+    match vm_thread.join() {
+        Ok(Ok(outcome)) => log::debug!("VM: {}", outcome.reason),
+        Ok(Err(e)) => log::warn!("VM: {}", crate::error_chain(&e)),
+        Err(_) => log::warn!("the VM thread panicked"),
+    }
+    drop(dir);
+    result
+}
+
+/// Waits for the agent to connect, as long as the VM runs.
+fn accept_agent(
+    listener: &std::os::unix::net::UnixListener,
+    vm_ended: &AtomicBool,
+) -> Result<std::os::unix::net::UnixStream, Error> {
+    let start = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)
+                    .map_err(io_err("cannot talk to the agent"))?;
+                log::info!("the agent called in after {:?}", start.elapsed());
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(io_err("cannot accept the agent's connection")(e)),
+        }
+        if vm_ended.load(Ordering::SeqCst) {
+            return Err(Error::VmEnded("it rebooted or failed; see the console".into()));
+        }
+        if start.elapsed() > BOOT_TIMEOUT {
+            return Err(Error::BootTimeout(BOOT_TIMEOUT));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Hello both ways, then what to run.
+fn greet(stream: &mut std::os::unix::net::UnixStream, spec: ExecSpec) -> Result<(), Error> {
+    match protocol::read_msg(stream).map_err(Error::Protocol)? {
+        Some(Msg::AgentHello { version }) if version == VERSION => {}
+        Some(Msg::AgentHello { version }) => return Err(Error::Version(version)),
+        other => {
+            return Err(Error::VmEnded(format!(
+                "the agent said {other:?} instead of Hello"
+            )))
+        }
+    }
+    protocol::write_msg(stream, &Msg::HostHello { version: VERSION }).map_err(Error::Protocol)?;
+    protocol::write_msg(stream, &Msg::Exec(Box::new(spec))).map_err(Error::Protocol)
+}
