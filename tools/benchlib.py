@@ -36,7 +36,9 @@ def build_kiln():
     env.setdefault("CARGO_TARGET_DIR", os.path.join(REPO_ROOT, "target"))
     log("building kiln (cargo build --release, CARGO_TARGET_DIR=%s)" % env["CARGO_TARGET_DIR"])
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=REPO_ROOT, env=env, check=True)
-    return os.path.join(env["CARGO_TARGET_DIR"], "release", "kiln")
+    # .cargo/config.toml names the target (static binaries): artifacts
+    # land under target/<triple>/.
+    return os.path.join(env["CARGO_TARGET_DIR"], "x86_64-unknown-linux-gnu", "release", "kiln")
 
 
 def guest_artifact(name):

@@ -67,13 +67,14 @@ pub fn main() -> ExitCode {
         eprintln!("kiln-agent: this is the init of `kiln run` VMs; it runs only as PID 1");
         return ExitCode::from(2);
     }
+    let started_ms = sys::uptime_ms();
     if let Err(e) = setup::early_mounts() {
         eprintln!("kiln-agent: {}", crate::error_chain(&e));
         sys::power_off();
     }
     match connect() {
         Ok(stream) => {
-            if let Err(e) = serve(stream) {
+            if let Err(e) = serve(stream, started_ms) {
                 eprintln!("kiln-agent: {}", crate::error_chain(&e));
             }
         }
@@ -91,8 +92,13 @@ fn connect() -> Result<UnixStream, Error> {
 }
 
 /// Hello, Exec, the command's life.
-fn serve(mut stream: UnixStream) -> Result<(), Error> {
-    protocol::write_msg(&mut stream, &Msg::AgentHello { version: VERSION })?;
+fn serve(mut stream: UnixStream, started_ms: u32) -> Result<(), Error> {
+    let hello = Msg::AgentHello {
+        version: VERSION,
+        started_ms,
+        hello_ms: sys::uptime_ms(),
+    };
+    protocol::write_msg(&mut stream, &hello)?;
     match protocol::read_msg(&mut stream)? {
         Some(Msg::HostHello { version }) if version == VERSION => {}
         Some(Msg::HostHello { version }) => return Err(Error::Version { host: version }),

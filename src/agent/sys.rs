@@ -193,3 +193,15 @@ pub fn new_session(controlling_tty: bool) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Milliseconds since the guest kernel started (CLOCK_BOOTTIME).
+pub fn uptime_ms() -> u32 {
+    // SAFETY: timespec is plain data.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime writes a timespec into the valid pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    let ms = i128::from(ts.tv_sec) * 1000 + i128::from(ts.tv_nsec) / 1_000_000;
+    u32::try_from(ms).unwrap_or(u32::MAX)
+}

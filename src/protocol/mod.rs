@@ -19,7 +19,11 @@
 //!
 //! # Messages
 //! Agent to host:
-//! - `Hello { version }` (1): first frame; le32 version.
+//! - `Hello { version, started_ms, hello_ms }` (1): first frame; le32
+//!   version, then (this version) le32 guest uptime in ms when the agent
+//!   started as PID 1 and le32 uptime when it sent Hello: where the boot
+//!   time went. A receiver reads the version first, so a Hello of another
+//!   version is still reported as such.
 //! - `Started` (2): the command runs.
 //! - `Stdout(bytes)` (3), `Stderr(bytes)` (4): the command's output, at most
 //!   [`MAX_DATA`] per frame, in order; with a terminal (`tty`) everything is
@@ -129,7 +133,11 @@ pub struct ExecSpec {
 /// One message, either way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
-    AgentHello { version: u32 },
+    AgentHello {
+        version: u32,
+        started_ms: u32,
+        hello_ms: u32,
+    },
     Started,
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
@@ -173,7 +181,16 @@ impl Msg {
     /// The frame for this message, header included.
     pub fn encode(&self) -> Vec<u8> {
         let (kind, payload): (u8, Vec<u8>) = match self {
-            Msg::AgentHello { version } => (kind::AGENT_HELLO, version.to_le_bytes().to_vec()),
+            Msg::AgentHello {
+                version,
+                started_ms,
+                hello_ms,
+            } => {
+                let mut p = version.to_le_bytes().to_vec();
+                p.extend_from_slice(&started_ms.to_le_bytes());
+                p.extend_from_slice(&hello_ms.to_le_bytes());
+                (kind::AGENT_HELLO, p)
+            }
             Msg::Started => (kind::STARTED, Vec::new()),
             Msg::Stdout(d) => (kind::STDOUT, d.clone()),
             Msg::Stderr(d) => (kind::STDERR, d.clone()),
@@ -225,9 +242,20 @@ impl Msg {
             }
         };
         Ok(match kind {
-            kind::AGENT_HELLO => Msg::AgentHello {
-                version: le32(p, "Hello")?,
-            },
+            kind::AGENT_HELLO => {
+                let version = le32(p.get(..4).unwrap_or(p), "Hello")?;
+                let (started_ms, hello_ms) = match p.get(4..) {
+                    Some(rest) if rest.len() == 8 => (le32(&rest[..4], "Hello")?, le32(&rest[4..], "Hello")?),
+                    // Another version's Hello: its version is what matters.
+                    _ if version != VERSION => (0, 0),
+                    _ => return Err(Error::Malformed("Hello")),
+                };
+                Msg::AgentHello {
+                    version,
+                    started_ms,
+                    hello_ms,
+                }
+            }
             kind::STARTED => return empty(Msg::Started, "Started"),
             kind::STDOUT => Msg::Stdout(data(p, "Stdout")?),
             kind::STDERR => Msg::Stderr(data(p, "Stderr")?),

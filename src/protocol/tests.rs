@@ -2,7 +2,11 @@ use super::*;
 
 fn all_messages() -> Vec<Msg> {
     vec![
-        Msg::AgentHello { version: VERSION },
+        Msg::AgentHello {
+            version: VERSION,
+            started_ms: 28_000,
+            hello_ms: 28_100,
+        },
         Msg::Started,
         Msg::Stdout(b"out".to_vec()),
         Msg::Stderr(vec![0, 255, 10]),
@@ -120,4 +124,14 @@ fn random_bytes_never_panic() {
         let kind = bytes.first().copied().unwrap_or(0);
         let _ = Msg::decode(kind, bytes.get(1..).unwrap_or(&[]));
     }
+}
+
+/// A Hello from another version is reported as that version, whatever
+/// follows its version field; this version's Hello must be whole.
+#[test]
+fn hello_of_another_version() {
+    let other = Msg::decode(kind::AGENT_HELLO, &7u32.to_le_bytes()).unwrap();
+    assert!(matches!(other, Msg::AgentHello { version: 7, .. }));
+    assert!(Msg::decode(kind::AGENT_HELLO, &VERSION.to_le_bytes()).is_err());
+    assert!(Msg::decode(kind::AGENT_HELLO, &[1, 0]).is_err());
 }

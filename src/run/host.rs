@@ -79,6 +79,8 @@ pub struct Watch<'a> {
     /// Forward kiln's stdin.
     pub stdin: bool,
     pub tty: bool,
+    /// Set when the agent says the command started.
+    pub started: Arc<std::sync::OnceLock<Instant>>,
 }
 
 /// How long the command has to end after kiln passed it a stop signal.
@@ -94,10 +96,11 @@ pub fn session(stream: UnixStream, w: Watch) -> Ending {
             Err(e) => return Ending::Lost(format!("cannot read from the agent: {e}")),
         };
         let window = window.clone();
+        let started = w.started.clone();
         std::thread::Builder::new()
             .name("kiln-run-output".into())
             .spawn(move || {
-                let _ = tx.send(read_output(stream, &window));
+                let _ = tx.send(read_output(stream, &window, &started));
             })
     };
     if let Err(e) = reader {
@@ -201,7 +204,11 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
 }
 
 /// The output thread: frames from the agent until Exited or Failed.
-fn read_output(mut stream: UnixStream, window: &AtomicU32) -> Ending {
+fn read_output(
+    mut stream: UnixStream,
+    window: &AtomicU32,
+    started: &std::sync::OnceLock<Instant>,
+) -> Ending {
     let stdout = io::stdout();
     let stderr = io::stderr();
     loop {
@@ -223,7 +230,10 @@ fn read_output(mut stream: UnixStream, window: &AtomicU32) -> Ending {
             Msg::StdinConsumed { bytes } => {
                 window.fetch_add(bytes, Ordering::SeqCst);
             }
-            Msg::Started => log::debug!("the command started"),
+            Msg::Started => {
+                let _ = started.set(Instant::now());
+                log::debug!("the command started");
+            }
             Msg::Exited(status) => return Ending::Exited(status),
             Msg::Failed { code, message } => return Ending::Failed(code, message),
             other => {

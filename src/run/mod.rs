@@ -67,6 +67,8 @@ pub enum Error {
     BootTimeout(Duration),
     #[error("the VM ended before its agent called in ({0})")]
     VmEnded(String),
+    #[error("cannot make kiln's default image")]
+    DefaultImage(#[source] crate::image::busybox::Error),
     #[error("the agent")]
     Protocol(#[source] protocol::Error),
     #[error("the agent speaks protocol version {0}, this kiln {VERSION}")]
@@ -108,11 +110,17 @@ struct Image {
     cmd: Vec<String>,
 }
 
-/// An ext4 file is used as is.
-fn prepare_image(spec: Option<&Path>) -> Result<Image, Error> {
+/// An ext4 file is used as is; no image is kiln's default (busybox) one.
+fn prepare_image(spec: Option<&Path>, quiet: bool) -> Result<Image, Error> {
+    let mut progress = |m: &str| {
+        if !quiet {
+            eprintln!("kiln: {m}");
+        }
+    };
     let path = match spec {
         Some(p) => p.to_path_buf(),
-        None => cache_dir().join("rootfs.ext4"),
+        None => crate::image::busybox::image(&cache_dir(), &mut progress)
+            .map_err(Error::DefaultImage)?,
     };
     let mut magic = [0u8; 2];
     let read = std::fs::File::open(&path).and_then(|f| {
@@ -265,6 +273,10 @@ fn finish(ending: Ending, console: &ConsoleTail) -> u8 {
 }
 
 fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
+    // First, so that every run (even one that fails at once) removes what
+    // killed runs left behind.
+    let mut timeline = Timeline::new();
+    let dir = rundir::RunDir::create(&rundir::base()).map_err(io_err("cannot make the run directory"))?;
     let kernel = args
         .kernel
         .clone()
@@ -282,7 +294,8 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
             return Err(Error::MountNotDir(m.host.clone()));
         }
     }
-    let image = prepare_image(args.image.as_deref())?;
+    let image = prepare_image(args.image.as_deref(), args.quiet)?;
+    timeline.image = timeline.since_start();
     let argv: Vec<String> = if args.command.is_empty() {
         image.entrypoint.iter().chain(&image.cmd).cloned().collect()
     } else {
@@ -293,7 +306,6 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
     }
     let env = environment(args, &image)?;
 
-    let dir = rundir::RunDir::create(&rundir::base()).map_err(io_err("cannot make the run directory"))?;
     let initrd = dir.path().join("initramfs.cpio");
     initramfs::write(&initrd, &agent).map_err(io_err("cannot write the initramfs"))?;
     let uds = dir.path().join("v.sock");
@@ -341,6 +353,7 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
     )
     .map_err(Error::Vmm)?
     .without_stop_signals();
+    timeline.built = timeline.since_start();
     let exit = vmm.exit_signal();
     let vm_ended = Arc::new(AtomicBool::new(false));
     let vm_thread = {
@@ -358,6 +371,7 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
     let stop_vm = |why: &str| exit.report(ExitReason::Stopped(why.to_string()));
     let result = (|| {
         let stream = accept_agent(&listener, &vm_ended)?;
+        timeline.agent = timeline.since_start();
         let tty = args.tty && std::io::stdin().is_terminal();
         let spec = ExecSpec {
             argv,
@@ -389,13 +403,13 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
             root_device: "/dev/vda".into(),
         };
         let mut stream = stream;
-        greet(&mut stream, spec)?;
+        timeline.uptimes = greet(&mut stream, spec)?;
         let _raw = if tty && args.interactive {
             RawMode::enable(std::io::stdin().as_fd()).map_err(io_err("cannot put the terminal in raw mode"))?
         } else {
             None
         };
-        Ok(host::session(
+        let ending = host::session(
             stream,
             host::Watch {
                 signals: &signals,
@@ -403,9 +417,12 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
                 vm_ended: &vm_ended,
                 stdin: args.interactive,
                 tty: args.tty,
+                started: timeline.started.clone(),
             },
-        ))
+        );
+        Ok(ending)
     })();
+    timeline.exited = timeline.since_start();
     // The agent powers the VM off after reporting; make sure it ends.
     let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
     let natural_end = matches!(result, Ok(Ending::Exited(_)) | Ok(Ending::Failed(..)));
@@ -425,7 +442,66 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
         Err(_) => log::warn!("the VM thread panicked"),
     }
     drop(dir);
+    timeline.ended = timeline.since_start();
+    timeline.log();
     result
+}
+
+/// When each step of a run ended, from the start of the run; logged at
+/// info (`tools/bench-run` reads it).
+struct Timeline {
+    start: Instant,
+    image: Duration,
+    built: Duration,
+    agent: Duration,
+    /// The agent's guest uptimes (ms): when it started as PID 1, when it
+    /// said Hello.
+    uptimes: (u32, u32),
+    started: Arc<std::sync::OnceLock<Instant>>,
+    exited: Duration,
+    ended: Duration,
+}
+
+impl Timeline {
+    fn new() -> Self {
+        Timeline {
+            start: Instant::now(),
+            image: Duration::ZERO,
+            built: Duration::ZERO,
+            agent: Duration::ZERO,
+            uptimes: (0, 0),
+            started: Arc::default(),
+            exited: Duration::ZERO,
+            ended: Duration::ZERO,
+        }
+    }
+
+    fn since_start(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn log(&self) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let started = self
+            .started
+            .get()
+            .map_or(self.exited, |t| t.duration_since(self.start));
+        // The guest's boot splits at the agent's start (guest clock).
+        let agent_part = Duration::from_millis(u64::from(self.uptimes.1.saturating_sub(self.uptimes.0)));
+        let boot = self.agent.saturating_sub(self.built);
+        log::info!(
+            "timing (ms): image {:.0}, VM build {:.0}, kernel boot {:.0}, agent start {:.0}, \
+             exec {:.0}, command {:.0}, shutdown {:.0}, total {:.0}",
+            ms(self.image),
+            ms(self.built.saturating_sub(self.image)),
+            ms(boot.saturating_sub(agent_part)),
+            ms(agent_part),
+            ms(started.saturating_sub(self.agent)),
+            ms(self.exited.saturating_sub(started)),
+            ms(self.ended.saturating_sub(self.exited)),
+            ms(self.ended),
+        );
+    }
 }
 
 /// Waits for the agent to connect, as long as the VM runs.
@@ -456,16 +532,22 @@ fn accept_agent(
 }
 
 /// Hello both ways, then what to run.
-fn greet(stream: &mut std::os::unix::net::UnixStream, spec: ExecSpec) -> Result<(), Error> {
-    match protocol::read_msg(stream).map_err(Error::Protocol)? {
-        Some(Msg::AgentHello { version }) if version == VERSION => {}
-        Some(Msg::AgentHello { version }) => return Err(Error::Version(version)),
+/// Returns the agent's (started, hello) guest uptimes in ms.
+fn greet(stream: &mut std::os::unix::net::UnixStream, spec: ExecSpec) -> Result<(u32, u32), Error> {
+    let uptimes = match protocol::read_msg(stream).map_err(Error::Protocol)? {
+        Some(Msg::AgentHello {
+            version,
+            started_ms,
+            hello_ms,
+        }) if version == VERSION => (started_ms, hello_ms),
+        Some(Msg::AgentHello { version, .. }) => return Err(Error::Version(version)),
         other => {
             return Err(Error::VmEnded(format!(
                 "the agent said {other:?} instead of Hello"
             )))
         }
-    }
+    };
     protocol::write_msg(stream, &Msg::HostHello { version: VERSION }).map_err(Error::Protocol)?;
-    protocol::write_msg(stream, &Msg::Exec(Box::new(spec))).map_err(Error::Protocol)
+    protocol::write_msg(stream, &Msg::Exec(Box::new(spec))).map_err(Error::Protocol)?;
+    Ok(uptimes)
 }

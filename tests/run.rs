@@ -1,0 +1,429 @@
+//! `kiln run` end to end: each test boots the guest kernel (15–30 s on hosts
+//! whose KVM interprets guest kernel code), so each boot checks several
+//! things at once. The kernel comes from tools/build-guest-kernel; the image
+//! is kiln's default (busybox), built on first use.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{guest_artifact, read_all, require_kvm, scratch, text, wait_timeout};
+
+/// A generous bound for one run: a boot here is up to 30 s, more with the
+/// other core busy.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `kiln run` with the test's kernel, one vCPU and 256 MiB, and a run
+/// directory of the test's own (so leftovers can be counted).
+fn kiln_run(runtime: &Path) -> Command {
+    require_kvm();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(guest_artifact("vmlinux"))
+        .args(["--cpus", "1", "--memory", "256"])
+        .env("XDG_RUNTIME_DIR", runtime)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs to the end with no stdin and returns what it printed.
+fn output(mut cmd: Command) -> Output {
+    let mut child = cmd.spawn().expect("cannot start kiln");
+    finish(&mut child)
+}
+
+fn finish(child: &mut Child) -> Output {
+    let stdout = read_all(child.stdout.take().unwrap());
+    let stderr = read_all(child.stderr.take().unwrap());
+    let Some(status) = wait_timeout(child, RUN_TIMEOUT) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "kiln run did not end within {RUN_TIMEOUT:?}\nstdout: {}\nstderr: {}",
+            text(&stdout.join().unwrap()),
+            text(&stderr.join().unwrap())
+        );
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout[..out.stdout.len().min(4096)]),
+        text(&out.stderr[..out.stderr.len().min(4096)])
+    )
+}
+
+/// The run directory base is empty: nothing left behind.
+fn assert_no_leftovers(runtime: &Path) {
+    let base = runtime.join(format!("kiln-{}", unsafe_uid()));
+    let left: Vec<_> = std::fs::read_dir(&base)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn unsafe_uid() -> u32 {
+    // Read from /proc rather than libc: tests keep to std.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap()
+}
+
+/// Binary stdin in (every byte value, EOF included) comes back on stdout,
+/// followed by 5 MiB more; 5 MiB of another pattern on stderr; kept apart,
+/// complete, and the command's exit code. (The output is made by awk in
+/// user space: each byte a guest moves costs ~1 µs per kernel copy where
+/// KVM interprets guest kernel code, so the test avoids extra pipes.)
+#[test]
+fn streams_stdin_and_exit_code() {
+    let dir = scratch("run-streams");
+    let input: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    const MIB5: usize = 5 << 20;
+    let awk = |line: &str| {
+        format!(
+            "awk 'BEGIN {{ s = \"{line}\"; for (i = 0; i < {n}; i++) printf \"%s\", s }}'",
+            n = MIB5 / (line.len() - 1) + 1
+        )
+    };
+    let mut cmd = kiln_run(&dir);
+    cmd.args(["-i", "--", "sh", "-c"])
+        .arg(format!(
+            "cat; {} | head -c {MIB5}; {} | head -c {MIB5} >&2; exit 42",
+            awk("stdout-line\\n"),
+            awk("stderr-line\\n")
+        ))
+        .stdin(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = {
+        let input = input.clone();
+        std::thread::spawn(move || {
+            stdin.write_all(&input).unwrap();
+            // Dropped: EOF, which `cat` must see to end.
+        })
+    };
+    let out = finish(&mut child);
+    writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(42), "{}", describe(&out));
+    let pattern = |line: &[u8]| -> Vec<u8> { line.iter().copied().cycle().take(MIB5).collect() };
+    let mut expected = input.clone();
+    expected.extend(pattern(b"stdout-line\n"));
+    assert!(
+        out.stdout == expected,
+        "stdout is not stdin + 5 MiB: {} bytes of {}, first difference at {:?}",
+        out.stdout.len(),
+        expected.len(),
+        out.stdout.iter().zip(&expected).position(|(a, b)| a != b)
+    );
+    assert!(
+        out.stderr == pattern(b"stderr-line\n"),
+        "stderr is not the 5 MiB pattern: {} bytes, starting {}",
+        out.stderr.len(),
+        text(&out.stderr[..out.stderr.len().min(200)])
+    );
+    assert_no_leftovers(&dir);
+}
+
+/// A line the command prints reaches the host while it still runs; SIGTERM
+/// to kiln reaches the command, whose exit code kiln returns.
+#[test]
+fn live_output_and_sigterm() {
+    let dir = scratch("run-signal");
+    let mut cmd = kiln_run(&dir);
+    cmd.args(["--", "sh", "-c"])
+        .arg("trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 1; done");
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let stderr = read_all(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "stderr: {}", text(&stderr.join().unwrap()));
+    assert!(child.try_wait().unwrap().is_none(), "kiln ended before the command did");
+    // SAFETY-free: `kill` the binary.
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = wait_timeout(&mut child, RUN_TIMEOUT).expect("kiln did not end");
+    let err = text(&stderr.join().unwrap());
+    assert_eq!(rest, "got-term\n", "stderr: {err}");
+    assert_eq!(status.code(), Some(3), "stderr: {err}");
+    assert_no_leftovers(&dir);
+}
+
+/// `-t` runs the command on a terminal; --env, --workdir and --user set its
+/// environment, directory and identity.
+#[test]
+fn tty_env_workdir_user() {
+    let dir = scratch("run-tty");
+    let mut cmd = kiln_run(&dir);
+    cmd.args(["-t", "-e", "GREETING=hello world", "--workdir", "/tmp", "--user", "1000:1001"])
+        .args(["--", "sh", "-c"])
+        .arg("test -t 0 && test -t 1 && echo tty=yes; echo \"env=$GREETING\"; echo \"pwd=$(pwd)\"; echo \"id=$(id -u):$(id -g)\"");
+    let out = output(cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    // A terminal turns "\n" into "\r\n".
+    let got = text(&out.stdout).replace("\r\n", "\n");
+    for want in ["tty=yes\n", "env=hello world\n", "pwd=/tmp\n", "id=1000:1001\n"] {
+        assert!(got.contains(want), "{want:?} missing from {got:?}");
+    }
+    assert_no_leftovers(&dir);
+}
+
+/// A read-write mount writes through to the host, a read-only one refuses
+/// writes, and what the command writes to / never reaches the image.
+#[test]
+fn mounts_and_overlay() {
+    let dir = scratch("run-mounts");
+    let rw = dir.join("rw");
+    let ro = dir.join("ro");
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("given"), "from the host\n").unwrap();
+    let image = dir.join("image.ext4");
+    make_image(&dir, &image);
+    let before = std::fs::read(&image).unwrap();
+    let mut cmd = kiln_run(&dir);
+    cmd.arg("--image")
+        .arg(&image)
+        .arg("--mount")
+        .arg(format!("{}:/work", rw.display()))
+        .arg("--mount")
+        .arg(format!("{}:/data:ro", ro.display()))
+        .args(["--", "sh", "-c"])
+        .arg(
+            "echo made-in-guest > /work/new; cat /data/given; \
+             if echo x > /data/refused; then echo ro-write-worked; fi; \
+             echo scribble > /etc/scribble && cat /etc/scribble; exit 1",
+        );
+    let out = output(cmd);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let got = text(&out.stdout);
+    assert_eq!(got, "from the host\nscribble\n", "{}", describe(&out));
+    assert!(text(&out.stderr).contains("Read-only file system"), "{}", describe(&out));
+    assert_eq!(std::fs::read_to_string(rw.join("new")).unwrap(), "made-in-guest\n");
+    assert!(!ro.join("refused").exists());
+    assert!(std::fs::read(&image).unwrap() == before, "the image changed");
+    assert_no_leftovers(&dir);
+}
+
+/// An ext4 image of the test's own: busybox as sh (Debian's busybox ash
+/// runs its applets without links), made with mke2fs -d.
+fn make_image(dir: &Path, to: &Path) {
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox"))
+        .expect("this test needs Debian's busybox-static (.ci/run installs it)");
+    std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
+    std::fs::write(tree.join("etc/passwd"), "root:x:0:0::/:/bin/sh\n").unwrap();
+    let ok = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(to)
+        .arg("16M")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mke2fs failed");
+}
+
+/// Three runs at once, each with its own outcome: not found (127), not
+/// executable (126), killed by SIGKILL (128+9), and none sees another's.
+#[test]
+fn three_at_once_and_failure_codes() {
+    let dir = scratch("run-three");
+    let cases: [(&[&str], i32); 3] = [
+        (&["no-such-command"], 127),
+        (&["/etc/passwd"], 126),
+        (&["sh", "-c", "echo $MARK; kill -9 $$"], 137),
+    ];
+    let children: Vec<_> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (argv, _))| {
+            let mut cmd = kiln_run(&dir);
+            cmd.args(["-e", &format!("MARK=run-{i}"), "--"]).args(*argv);
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    for ((mut child, (argv, code)), i) in children.into_iter().zip(cases).zip(0..) {
+        let out = finish(&mut child);
+        assert_eq!(out.status.code(), Some(code), "{argv:?}: {}", describe(&out));
+        if i == 2 {
+            assert_eq!(text(&out.stdout), "run-2\n");
+        } else {
+            assert!(out.stdout.is_empty(), "{}", describe(&out));
+            assert!(text(&out.stderr).contains(argv[0]), "{}", describe(&out));
+        }
+    }
+    assert_no_leftovers(&dir);
+}
+
+/// --timeout stops the command and kiln returns 124.
+#[test]
+fn timeout_is_124() {
+    let dir = scratch("run-timeout");
+    let mut cmd = kiln_run(&dir);
+    cmd.args(["--timeout", "3s", "--", "sh", "-c", "echo started; sleep 600"]);
+    let start = Instant::now();
+    let out = output(cmd);
+    assert_eq!(out.status.code(), Some(124), "{}", describe(&out));
+    assert_eq!(text(&out.stdout), "started\n");
+    assert!(text(&out.stderr).contains("--timeout"), "{}", describe(&out));
+    assert!(start.elapsed() < Duration::from_secs(200), "took {:?}", start.elapsed());
+    assert_no_leftovers(&dir);
+}
+
+/// Bad flags and missing files end with 125 and a message naming them,
+/// before any VM is built.
+#[test]
+fn usage_errors_are_125() {
+    let dir = scratch("run-usage");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--mount", "/nonexistent-kiln-test:/x", "--", "true"], "/nonexistent-kiln-test"),
+        (&["--cpus", "0", "--", "true"], "--cpus"),
+        (&["--timeout", "soon", "--", "true"], "--timeout"),
+        (&["--image", "/nonexistent-kiln-image", "--", "true"], "/nonexistent-kiln-image"),
+    ];
+    for (args, named) in cases {
+        let mut cmd = kiln_run(&dir);
+        // Later flags win: the test's --cpus 1 is overridden where asked.
+        cmd.args(args);
+        let out = output(cmd);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {}", describe(&out));
+        assert!(text(&out.stderr).contains(named), "{args:?}: {}", describe(&out));
+    }
+    assert_no_leftovers(&dir);
+}
+
+/// kiln killed with SIGKILL mid-run leaves no process; its run directory is
+/// removed by the next run.
+#[test]
+fn sigkill_leaves_nothing_behind() {
+    let dir = scratch("run-sigkill");
+    let mut cmd = kiln_run(&dir);
+    cmd.args(["--", "sh", "-c", "echo ready; sleep 600"]);
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let stderr = read_all(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "stderr: {}", text(&stderr.join().unwrap()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "kiln's process is still there"
+    );
+    let base = dir.join(format!("kiln-{}", unsafe_uid()));
+    let left = std::fs::read_dir(&base).unwrap().count();
+    assert_eq!(left, 1, "the killed run's directory should be there until the next run");
+    // The next run (here one that fails before booting) removes it.
+    let out = output({
+        let mut c = kiln_run(&dir);
+        c.args(["--mount", "/nonexistent-kiln-test:/x", "--", "true"]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert_no_leftovers(&dir);
+}
+
+/// Everything above works for a user who is not root but may open
+/// /dev/kvm (through its group, as Debian sets it up).
+#[test]
+fn runs_as_a_normal_user() {
+    require_kvm();
+    let meta = std::fs::metadata("/dev/kvm").unwrap();
+    let mode = meta.permissions().mode();
+    let root = unsafe_uid() == 0;
+    assert!(
+        !root || 
+mode & 0o060 == 0o060,
+        "/dev/kvm is mode {mode:o}: a normal user cannot open it; give it a group \
+         (.ci/run does: groupadd -r kvm; chgrp kvm /dev/kvm; chmod 660 /dev/kvm)"
+    );
+    let gid = std::os::unix::fs::MetadataExt::gid(&meta);
+    let dir = scratch("run-rootless");
+    // Everything the user needs, readable by it: kernel, kiln, agent.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
+    std::fs::copy(kiln, bin.join("kiln")).unwrap();
+    std::fs::copy(kiln.with_file_name("kiln-agent"), bin.join("kiln-agent")).unwrap();
+    std::fs::copy(guest_artifact("vmlinux"), dir.join("vmlinux")).unwrap();
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    for p in [&dir, &bin, &share] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    for p in [dir.join("vmlinux")] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // As root, become nobody with /dev/kvm's group; as a normal user, stay.
+    let (uid, mut c) = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", &format!("--groups={gid}"), "--"])
+            .arg(bin.join("kiln"));
+        (65534, c)
+    } else {
+        (unsafe_uid(), Command::new(bin.join("kiln")))
+    };
+    let out = output({
+        c.arg("run")
+            .arg("--kernel")
+            .arg(dir.join("vmlinux"))
+            .args(["--cpus", "1", "--memory", "256"])
+            .arg("--mount")
+            .arg(format!("{}:/out", share.display()))
+            .args(["--", "sh", "-c", "echo from-guest > /out/file; id -u"])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", &dir)
+            .env("XDG_CACHE_HOME", dir.join("cache"))
+            .env("XDG_RUNTIME_DIR", &dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    });
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    // Root in the guest, the user on the host.
+    assert_eq!(text(&out.stdout), "0\n");
+    let file = share.join("file");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "from-guest\n");
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&file.metadata().unwrap()), uid);
+    assert_no_leftovers_of(&dir.join(format!("kiln-{uid}")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn assert_no_leftovers_of(base: &Path) {
+    let left: Vec<_> = std::fs::read_dir(base)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
