@@ -8,6 +8,7 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod image;
 pub mod loader;
 pub mod logger;
 pub mod memory;
