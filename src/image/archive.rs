@@ -206,9 +206,8 @@ impl Source {
 
     /// Reads the member list of the tar archive `file` (at `path`).
     pub fn tar(path: &Path, file: File) -> Result<Source, Error> {
-        let err = |source| Error::Member {
+        let err = |source| Error::List {
             archive: path.to_path_buf(),
-            member: "the member list".to_string(),
             source,
         };
         let len = file.metadata().map_err(err)?.len();

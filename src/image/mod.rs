@@ -107,6 +107,15 @@ pub enum Error {
         /// The member.
         member: String,
     },
+    /// The archive's member list cannot be read.
+    #[error("cannot read the member list of {} (a truncated or corrupt tar archive)", archive.display())]
+    List {
+        /// The archive.
+        archive: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A JSON member is larger than kiln reads.
     #[error("{member} in {} is larger than {limit} bytes", archive.display())]
     TooLarge {
@@ -130,9 +139,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    /// A blob's content does not match its digest.
+    /// A blob's content does not match its digest (which names it).
     #[error(
-        "{member} in {} does not match its digest {expected} (its sha256 is {actual})",
+        "{member} in {} does not match its digest: its content's sha256 is {actual}",
         archive.display()
     )]
     Digest {
@@ -531,8 +540,11 @@ fn clean_stale(images: &Path, hex: &str) {
             };
         if stale {
             log::info!("removing {}, left by a killed kiln", entry.path().display());
-            if let Err(e) = fs::remove_dir_all(entry.path()) {
-                log::warn!("cannot remove {}: {e}", entry.path().display());
+            match fs::remove_dir_all(entry.path()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    log::warn!("cannot remove {}: {e}", entry.path().display());
+                }
+                _ => {}
             }
         }
     }

@@ -383,8 +383,22 @@ fn oci_layout_dir_with_zstd_layer() {
     let env = Env::new();
     let l1 = layer(&[dir("usr/", 0o755, 0), file("usr/hello", 0o755, 0, b"hello")]);
     let blob = zstd::encode_all(&l1[..], 3).unwrap();
-    let (files, manifest_hex) =
+    let (mut files, manifest_hex) =
         oci_files(&[(blob, "application/vnd.oci.image.layer.v1.tar+zstd", l1)]);
+    // index.json → a nested index → the manifests.
+    let i = files.iter().position(|(n, _)| n == "index.json").unwrap();
+    let inner = files[i].1.clone();
+    let inner_hex = sha(&inner);
+    files[i].1 = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{inner_hex}"),
+            "size": inner.len()
+        }]
+    }))
+    .unwrap();
+    files.push((format!("blobs/sha256/{inner_hex}"), inner));
     let dir = env.path("layout");
     for (name, data) in &files {
         let p = dir.join(name);
@@ -584,6 +598,47 @@ fn truncated_archive_is_an_error() {
         "{e:?}"
     );
     env.assert_clean();
+
+    // Cut at a header: the member list cannot be read.
+    let spec = env.write("img.tar", &full[..full.len() - 1536 - 200]);
+    let e = env.prepare(&spec).0.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::List { .. } | Error::Member { .. } | Error::Missing { .. }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn oversized_json_is_refused() {
+    let env = Env::new();
+    let big = vec![b' '; 5 << 20];
+    let spec = env.write("docker.tar", &archive(&[("manifest.json".into(), big)]));
+    let e = env.prepare(&spec).0.unwrap_err();
+    assert!(
+        matches!(&e, Error::TooLarge { member, .. } if member == "manifest.json"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn stale_tmp_dirs_are_removed_unless_locked() {
+    let env = Env::new();
+    let images = env.cache().join("images");
+    let stale = images.join(format!("tmp-{}-1-0", "a".repeat(64)));
+    let busy = images.join(format!("tmp-{}-2-0", "b".repeat(64)));
+    fs::create_dir_all(stale.join("root/x")).unwrap();
+    fs::create_dir_all(&busy).unwrap();
+    let lock = fs::File::create(images.join(format!("{}.lock", "b".repeat(64)))).unwrap();
+    lock.lock().unwrap();
+    let (tar, _) = docker_archive(&[layer(&[file("f", 0o644, 0, b"x")])]);
+    let spec = env.write("docker.tar", &tar);
+    env.prepare(&spec).0.unwrap();
+    assert!(!stale.exists());
+    assert!(busy.exists());
+    drop(lock);
 }
 
 #[test]
