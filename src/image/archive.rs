@@ -477,6 +477,16 @@ impl Source {
     fn pick(&self, index: &ImageIndex, name: &str) -> Result<oci_spec::image::Descriptor, Error> {
         let all = index.manifests();
         if let [only] = all.as_slice() {
+            if let Some(p) = only.platform() {
+                if *p.os() != Os::Linux || *p.architecture() != Arch::Amd64 {
+                    log::warn!(
+                        "{}: the image is for {}/{}, not linux/amd64",
+                        self.path().display(),
+                        p.os(),
+                        p.architecture()
+                    );
+                }
+            }
             return Ok(only.clone());
         }
         all.iter()

@@ -438,7 +438,13 @@ fn docker_archive(layers: &[Vec<u8>]) -> (Vec<u8>, String) {
 fn docker_archive_is_unpacked() {
     let env = Env::new();
     let l1 = layer(&[dir("etc/", 0o755, 0), file("etc/a", 0o644, 0, b"a1")]);
-    let l2 = layer(&[file("etc/b", 0o600, 33, b"b2")]);
+    let mut pax = file("PaxHeaders/etc/big", 0o644, 0, b"15 uid=3000000\n");
+    pax.kind = EntryType::XHeader;
+    let l2 = layer(&[
+        file("etc/b", 0o600, 33, b"b2"),
+        pax,
+        file("etc/big", 0o644, 7, b"big"),
+    ]);
     let (tar, config_hex) = docker_archive(&[l1, l2]);
     let spec = env.write("docker.tar", &tar);
     let p = env.prepare(&spec).0.unwrap();
@@ -448,6 +454,11 @@ fn docker_archive_is_unpacked() {
     assert_eq!(
         stat(&p.ext4, "/etc/b"),
         Some(("regular".into(), 0o600, 33, 33))
+    );
+    // A PAX header's uid wins over the ustar field.
+    assert_eq!(
+        stat(&p.ext4, "/etc/big"),
+        Some(("regular".into(), 0o644, 3_000_000, 7))
     );
     env.assert_clean();
 }

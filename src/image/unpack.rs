@@ -142,9 +142,10 @@ impl Tree {
             let shown = String::from_utf8_lossy(&raw).into_owned();
             let rel =
                 clean(&raw).ok_or_else(|| bad(format!("entry {shown} has a .. component")))?;
+            let pax = pax_overrides(&mut entry);
             let header = entry.header();
             let kind = header.entry_type();
-            let meta = Meta {
+            let mut meta = Meta {
                 uid: header
                     .uid()
                     .and_then(|v| u32::try_from(v).map_err(|_| bad(format!("uid {v}"))))
@@ -159,6 +160,9 @@ impl Tree {
                     .map(|t| i64::try_from(t).unwrap_or(0))
                     .unwrap_or(0),
             };
+            meta.uid = pax.uid.unwrap_or(meta.uid);
+            meta.gid = pax.gid.unwrap_or(meta.gid);
+            meta.mtime = pax.mtime.unwrap_or(meta.mtime);
 
             if let Some(name) = rel
                 .file_name()
@@ -381,6 +385,37 @@ impl Tree {
         }
         Ok(())
     }
+}
+
+/// Owner and mtime from an entry's PAX header, which win over the tar
+/// header's (ustar fields are too small for big ids).
+#[derive(Default)]
+struct Pax {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    mtime: Option<i64>,
+}
+
+fn pax_overrides<R: Read>(entry: &mut tar::Entry<'_, R>) -> Pax {
+    let mut pax = Pax::default();
+    let Ok(Some(exts)) = entry.pax_extensions() else {
+        return pax;
+    };
+    for ext in exts.flatten() {
+        let (Ok(key), Ok(value)) = (ext.key(), ext.value()) else {
+            continue;
+        };
+        match key {
+            "uid" => pax.uid = value.parse().ok(),
+            "gid" => pax.gid = value.parse().ok(),
+            "mtime" => {
+                let secs = value.split('.').next().unwrap_or("");
+                pax.mtime = secs.parse().ok();
+            }
+            _ => {}
+        }
+    }
+    pax
 }
 
 impl Meta {
