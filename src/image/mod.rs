@@ -58,7 +58,10 @@ pub struct Prepared {
     pub ext4: PathBuf,
     /// The image's defaults.
     pub config: ImageConfig,
-    /// cache key, e.g. "sha256:…" of the manifest, or None for ext4/dir
+    /// cache key, e.g. "sha256:…" of the manifest, or None for ext4/dir.
+    /// For a docker archive (which has no manifest blob) it is the config's
+    /// digest, the image ID; its layers are checked against the config's
+    /// diff_ids, so it names the content as firmly.
     pub id: Option<String>,
 }
 
