@@ -5,10 +5,10 @@
 //! an OCI or docker archive (what `podman save`, `skopeo copy` and `docker
 //! save` write). The format is told by content, never by the file name.
 //!
-//! OCI images are unpacked layer by layer ([`unpack`]) into a directory of
+//! OCI images are unpacked layer by layer (`unpack.rs`) into a directory of
 //! the cache and made into an ext4 image with `mke2fs -d`, then the owners
 //! and modes the layers asked for are set inside the image with `debugfs`
-//! ([`ext4`]): kiln runs as an ordinary user, whose files on the host all
+//! (`ext4.rs`): kiln runs as an ordinary user, whose files on the host all
 //! belong to that user. The result is cached as
 //! `images/<manifest digest>.ext4` beside `<digest>.json` (the image's
 //! [`ImageConfig`]); one process builds it while concurrent ones wait on
