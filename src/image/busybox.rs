@@ -166,7 +166,17 @@ fn build(images: &Path, work: &Path, progress: &mut dyn FnMut(&str)) -> Result<P
     // 16 MiB: busybox is ~2 MB; the guest mounts it read-only.
     run_tool(
         Command::new("mke2fs")
-            .args(["-q", "-F", "-t", "ext4", "-L", "kiln-busybox", "-E", "root_owner=0:0", "-d"])
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-L",
+                "kiln-busybox",
+                "-E",
+                "root_owner=0:0",
+                "-d",
+            ])
             .arg(&root)
             .arg(&tmp)
             .arg("16M"),
@@ -174,7 +184,10 @@ fn build(images: &Path, work: &Path, progress: &mut dyn FnMut(&str)) -> Result<P
     File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(io_err(format!("cannot sync {}", tmp.display())))?;
-    fs::rename(&tmp, &out).map_err(io_err(format!("cannot move the image to {}", out.display())))?;
+    fs::rename(&tmp, &out).map_err(io_err(format!(
+        "cannot move the image to {}",
+        out.display()
+    )))?;
     drop(lock);
     Ok(out)
 }
@@ -183,7 +196,8 @@ fn build(images: &Path, work: &Path, progress: &mut dyn FnMut(&str)) -> Result<P
 fn key(busybox: &Path) -> Result<String, Error> {
     let mut hash = Sha256::new();
     hash.update(RECIPE);
-    let mut f = File::open(busybox).map_err(io_err(format!("cannot read {}", busybox.display())))?;
+    let mut f =
+        File::open(busybox).map_err(io_err(format!("cannot read {}", busybox.display())))?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = f
@@ -204,8 +218,11 @@ fn key(busybox: &Path) -> Result<String, Error> {
 
 /// The image's tree: busybox, its applets, the users, the mount points.
 fn tree(root: &Path, busybox: &Path) -> Result<(), Error> {
-    let mk = |p: &Path| fs::create_dir_all(p).map_err(io_err(format!("cannot make {}", p.display())));
-    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "proc", "sys", "dev", "home"] {
+    let mk =
+        |p: &Path| fs::create_dir_all(p).map_err(io_err(format!("cannot make {}", p.display())));
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "proc", "sys", "dev", "home",
+    ] {
         mk(&root.join(d))?;
     }
     let _ = fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777));
@@ -215,12 +232,17 @@ fn tree(root: &Path, busybox: &Path) -> Result<(), Error> {
     let list = Command::new(busybox)
         .arg("--list-full")
         .output()
-        .map_err(io_err(format!("cannot run {} --list-full", busybox.display())))?;
+        .map_err(io_err(format!(
+            "cannot run {} --list-full",
+            busybox.display()
+        )))?;
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         // Only plain relative paths such as `usr/bin/env`.
         if applet.is_empty()
             || applet.starts_with('/')
-            || applet.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            || applet
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
         {
             continue;
         }
@@ -231,7 +253,8 @@ fn tree(root: &Path, busybox: &Path) -> Result<(), Error> {
         if let Some(parent) = link.parent() {
             mk(parent)?;
         }
-        symlink("/bin/busybox", &link).map_err(io_err(format!("cannot link {}", link.display())))?;
+        symlink("/bin/busybox", &link)
+            .map_err(io_err(format!("cannot link {}", link.display())))?;
     }
     let etc = root.join("etc");
     let write = |name: &str, text: &str| {
