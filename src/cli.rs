@@ -63,8 +63,10 @@ pub enum Command {
 /// lost); 126 the command is not executable; 127 not found; 128+N killed by
 /// signal N.
 #[derive(Debug, Args)]
-#[command(after_help = "Everything after `--` is the command; without one, the image's \
-Entrypoint and Cmd run (as `docker run` does).")]
+#[command(
+    after_help = "Everything after `--` is the command; without one, the image's \
+Entrypoint and Cmd run (as `docker run` does)."
+)]
 pub struct RunArgs {
     /// The root file system: an OCI image layout directory, an OCI or docker
     /// archive (`podman save`, `docker save`), an ext4 image file, or a host
@@ -114,7 +116,8 @@ pub struct RunArgs {
     #[arg(long, short = 'u', value_name = "UID[:GID]")]
     pub user: Option<String>,
 
-    /// Stop the command after this long (`90`, `30s`, `10m`, `2h`); kiln
+    /// Stop the command this long after it started (`90`, `30s`, `10m`,
+    /// `2h`; the boot does not count); kiln
     /// then exits 124. Example: --timeout 10m
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<std::time::Duration>,
@@ -162,7 +165,9 @@ fn parse_mount(s: &str) -> Result<MountArg, String> {
         return Err(format!("{s:?}: the host folder is empty"));
     }
     if !guest.starts_with('/') || guest.split('/').any(|c| c == "..") {
-        return Err(format!("{s:?}: the guest path must be absolute, without .."));
+        return Err(format!(
+            "{s:?}: the guest path must be absolute, without .."
+        ));
     }
     Ok(MountArg {
         host: PathBuf::from(host),
@@ -240,10 +245,34 @@ mod tests {
     #[test]
     fn run_flags() {
         let c = Cli::try_parse_from([
-            "kiln", "run", "--image", "img.tar", "--cpus", "4", "--memory", "1024",
-            "--mount", "/a:/src", "--mount", "/b:/data:ro", "-e", "A=1", "-w", "/src",
-            "-u", "1000:1000", "--timeout", "10m", "-i", "-t", "--log-level", "debug",
-            "--", "make", "-j", "test",
+            "kiln",
+            "run",
+            "--image",
+            "img.tar",
+            "--cpus",
+            "4",
+            "--memory",
+            "1024",
+            "--mount",
+            "/a:/src",
+            "--mount",
+            "/b:/data:ro",
+            "-e",
+            "A=1",
+            "-w",
+            "/src",
+            "-u",
+            "1000:1000",
+            "--timeout",
+            "10m",
+            "-i",
+            "-t",
+            "--log-level",
+            "debug",
+            "--",
+            "make",
+            "-j",
+            "test",
         ])
         .unwrap();
         let Some(Command::Run(r)) = c.command else {
@@ -251,7 +280,14 @@ mod tests {
         };
         assert_eq!(r.image, Some(PathBuf::from("img.tar")));
         assert_eq!((r.cpus, r.memory), (4, 1024));
-        assert_eq!(r.mounts[1], MountArg { host: "/b".into(), guest: "/data".into(), read_only: true });
+        assert_eq!(
+            r.mounts[1],
+            MountArg {
+                host: "/b".into(),
+                guest: "/data".into(),
+                read_only: true
+            }
+        );
         assert_eq!(r.timeout, Some(std::time::Duration::from_secs(600)));
         assert!(r.interactive && r.tty);
         assert_eq!(r.command, ["make", "-j", "test"]);

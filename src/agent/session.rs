@@ -62,14 +62,15 @@ pub fn run(mut host: UnixStream, spec: &ExecSpec) -> Result<(), Error> {
         Err(e) => {
             let (code, message) = match &e {
                 Spawn::User(m) => (125, m.clone()),
-                Spawn::Io(what, e) => (failed_code(e), format!("{what}: {e}")),
+                Spawn::Io(what, e) => (failed_code(e), what.clone()),
             };
             protocol::write_msg(&mut host, &Msg::Failed { code, message })?;
             return Ok(());
         }
     };
     protocol::write_msg(&mut host, &Msg::Started)?;
-    host.set_nonblocking(true).map_err(|e| Error::Protocol(e.into()))?;
+    host.set_nonblocking(true)
+        .map_err(|e| Error::Protocol(e.into()))?;
     let mut s = Session {
         host,
         decoder: Decoder::default(),
@@ -91,7 +92,8 @@ pub fn run(mut host: UnixStream, spec: &ExecSpec) -> Result<(), Error> {
 
 enum Spawn {
     User(String),
-    Io(&'static str, io::Error),
+    /// A complete message, and the error (for the exit code).
+    Io(String, io::Error),
 }
 
 type Spawned = (
@@ -106,12 +108,18 @@ fn spawn(spec: &ExecSpec) -> Result<Spawned, Spawn> {
         .argv
         .split_first()
         .ok_or_else(|| Spawn::User("no command to run".into()))?;
+    // As `docker run --workdir`: made if missing (in the overlay).
+    std::fs::create_dir_all(&spec.cwd)
+        .map_err(|e| Spawn::User(format!("working directory {}: {e}", spec.cwd)))?;
     let mut cmd = Command::new(argv0);
     cmd.args(args).env_clear().current_dir(&spec.cwd);
     let mut env: Vec<(String, String)> = spec
         .env
         .iter()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect();
     // Keep guest glibc off AVX on hosts that need it (kiln passes the
     // tunable to init's environment there), unless the command's own says.
@@ -132,7 +140,10 @@ fn spawn(spec: &ExecSpec) -> Result<Spawned, Spawn> {
     }
     cmd.envs(env);
 
-    let io_err = |what| move |e| Spawn::Io(what, e);
+    let io_err = |what: &str| {
+        let what = what.to_string();
+        move |e: io::Error| Spawn::Io(format!("{what}: {e}"), e)
+    };
     let tty = spec.tty;
     let (outputs, stdin, tty_fd) = if tty {
         let (master, slave) = sys::openpty(spec.winsize).map_err(io_err("opening a terminal"))?;
@@ -167,7 +178,14 @@ fn spawn(spec: &ExecSpec) -> Result<Spawned, Spawn> {
     unsafe {
         cmd.pre_exec(move || sys::new_session(tty));
     }
-    let mut child = cmd.spawn().map_err(io_err("starting the command"))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        let why = match e.kind() {
+            ErrorKind::NotFound => "command not found".to_string(),
+            ErrorKind::PermissionDenied => "permission denied (not executable?)".to_string(),
+            _ => e.to_string(),
+        };
+        Spawn::Io(format!("{argv0}: {why}"), e)
+    })?;
     let mut outputs = outputs;
     let mut stdin = stdin;
     if !tty {
@@ -229,8 +247,12 @@ impl Session {
             .set_nonblocking(false)
             .map_err(|e| Error::Protocol(e.into()))?;
         let (a, b) = self.out.as_slices();
-        self.host.write_all(a).map_err(|e| Error::Protocol(e.into()))?;
-        self.host.write_all(b).map_err(|e| Error::Protocol(e.into()))?;
+        self.host
+            .write_all(a)
+            .map_err(|e| Error::Protocol(e.into()))?;
+        self.host
+            .write_all(b)
+            .map_err(|e| Error::Protocol(e.into()))?;
         let _ = self.host.shutdown(std::net::Shutdown::Write);
         // Wait (briefly) for the host to close: it has read everything.
         let _ = self
@@ -256,7 +278,11 @@ impl Session {
         let room = self.out.len() < OUT_HIGH_WATER;
         for o in &self.outputs {
             // A negative fd is ignored by poll.
-            let fd = if o.open && room { o.file.as_raw_fd() } else { -1 };
+            let fd = if o.open && room {
+                o.file.as_raw_fd()
+            } else {
+                -1
+            };
             fds.push(pfd(fd, libc::POLLIN));
         }
         let stdin_fd = match &self.stdin {
@@ -372,7 +398,8 @@ impl Session {
                 Ok(n) => {
                     self.out.drain(..n);
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => self.host_open = false,
             }
         }
@@ -387,7 +414,8 @@ impl Session {
                         self.handle_host_msg(msg)?;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => self.host_open = false,
             }
         }
@@ -417,7 +445,12 @@ impl Session {
                     let _ = sys::kill_group(self.pid, libc::SIGWINCH);
                 }
             }
-            m => return Err(Error::Unexpected(format!("{m:?}"), "Stdin, StdinEof, Signal or Resize")),
+            m => {
+                return Err(Error::Unexpected(
+                    format!("{m:?}"),
+                    "Stdin, StdinEof, Signal or Resize",
+                ))
+            }
         }
         Ok(())
     }

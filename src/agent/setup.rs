@@ -11,7 +11,13 @@ const LOWER: &str = "/kiln/lower";
 const RW: &str = "/kiln/rw";
 const ROOT: &str = "/kiln/root";
 
-fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong, data: Option<&str>) -> Result<(), Error> {
+fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), Error> {
     sys::mount(source, target, fstype, flags, data).map_err(|source| Error::Mount {
         what: format!("{fstype} at {}", target.display()),
         source,
@@ -55,7 +61,9 @@ pub fn early_mounts() -> Result<(), Error> {
 fn in_root(path: &str) -> Result<PathBuf, Error> {
     let p = Path::new(path);
     if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
-        return Err(Error::User(format!("{path:?} is not an absolute path without ..")));
+        return Err(Error::User(format!(
+            "{path:?} is not an absolute path without .."
+        )));
     }
     Ok(Path::new(ROOT).join(p.strip_prefix("/").unwrap_or(p)))
 }
@@ -67,7 +75,13 @@ pub fn enter_root(spec: &ExecSpec) -> Result<(), Error> {
         mkdir_p(d)?;
     }
     mount(&spec.root_device, lower, "ext4", libc::MS_RDONLY, None)?;
-    mount("tmpfs", rw, "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755"))?;
+    mount(
+        "tmpfs",
+        rw,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )?;
     let (upper, work) = (rw.join("upper"), rw.join("work"));
     mkdir_p(&upper)?;
     mkdir_p(&work)?;
@@ -89,8 +103,18 @@ pub fn enter_root(spec: &ExecSpec) -> Result<(), Error> {
             libc::MS_NOSUID | libc::MS_NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=0620"),
         ),
-        ("tmpfs", "dev/shm", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777")),
-        ("tmpfs", "tmp", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777")),
+        (
+            "tmpfs",
+            "dev/shm",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "tmp",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("mode=1777"),
+        ),
     ] {
         let target = under(dir);
         mkdir_p(&target)?;
@@ -107,7 +131,13 @@ pub fn enter_root(spec: &ExecSpec) -> Result<(), Error> {
         let target = in_root(&m.path)?;
         mkdir_p(&target)?;
         let flags = if m.read_only { libc::MS_RDONLY } else { 0 };
-        mount(&m.tag, &target, "virtiofs", flags | libc::MS_NOSUID | libc::MS_NODEV, None)?;
+        mount(
+            &m.tag,
+            &target,
+            "virtiofs",
+            flags | libc::MS_NOSUID | libc::MS_NODEV,
+            None,
+        )?;
     }
     sys::sethostname(&spec.hostname).map_err(|source| Error::Setup {
         what: "setting the hostname".into(),
@@ -137,12 +167,17 @@ pub fn resolve_user(spec: &str) -> Result<(u32, u32), Error> {
             (uid, primary)
         }
         Err(_) => {
-            let f = find(&passwd, |f| f.first() == Some(&user))
-                .ok_or_else(|| Error::User(format!("unknown user {user:?} in the image's /etc/passwd")))?;
+            let f = find(&passwd, |f| f.first() == Some(&user)).ok_or_else(|| {
+                Error::User(format!("unknown user {user:?} in the image's /etc/passwd"))
+            })?;
             let num = |i: usize| f.get(i).and_then(|v| v.parse::<u32>().ok());
             match (num(2), num(3)) {
                 (Some(u), Some(g)) => (u, g),
-                _ => return Err(Error::User(format!("malformed /etc/passwd entry for {user:?}"))),
+                _ => {
+                    return Err(Error::User(format!(
+                        "malformed /etc/passwd entry for {user:?}"
+                    )))
+                }
             }
         }
     };
@@ -154,7 +189,9 @@ pub fn resolve_user(spec: &str) -> Result<(u32, u32), Error> {
                 let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
                 find(&groups, |f| f.first() == Some(&g))
                     .and_then(|f| f.get(2)?.parse().ok())
-                    .ok_or_else(|| Error::User(format!("unknown group {g:?} in the image's /etc/group")))?
+                    .ok_or_else(|| {
+                        Error::User(format!("unknown group {g:?} in the image's /etc/group"))
+                    })?
             }
         },
     };

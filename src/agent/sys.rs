@@ -65,7 +65,8 @@ pub fn sethostname(name: &str) -> io::Result<()> {
 /// A connected vsock stream to `cid`:`port`.
 pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked.
-    let fd = check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd =
+        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: socket returned a new fd nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain data; all zeroes is valid.
@@ -105,9 +106,15 @@ pub fn openpty(winsize: Option<(u16, u16)>) -> io::Result<(OwnedFd, OwnedFd)> {
         return Err(io::Error::from_raw_os_error(r));
     }
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    let path = CString::new(&name[..end]).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    let path =
+        CString::new(&name[..end]).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
     // SAFETY: `path` is a valid NUL-terminated path; the result is checked.
-    let s = check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    let s = check(unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
     // SAFETY: a new fd nothing else owns.
     let slave = unsafe { OwnedFd::from_raw_fd(s) };
     if let Some((rows, cols)) = winsize {

@@ -141,15 +141,27 @@ pub enum Msg {
     Started,
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    StdinConsumed { bytes: u32 },
+    StdinConsumed {
+        bytes: u32,
+    },
     Exited(ExitStatus),
-    Failed { code: u8, message: String },
-    HostHello { version: u32 },
+    Failed {
+        code: u8,
+        message: String,
+    },
+    HostHello {
+        version: u32,
+    },
     Exec(Box<ExecSpec>),
     Stdin(Vec<u8>),
     StdinEof,
-    Signal { signo: i32 },
-    Resize { rows: u16, cols: u16 },
+    Signal {
+        signo: i32,
+    },
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
 }
 
 mod kind {
@@ -245,7 +257,9 @@ impl Msg {
             kind::AGENT_HELLO => {
                 let version = le32(p.get(..4).unwrap_or(p), "Hello")?;
                 let (started_ms, hello_ms) = match p.get(4..) {
-                    Some(rest) if rest.len() == 8 => (le32(&rest[..4], "Hello")?, le32(&rest[4..], "Hello")?),
+                    Some(rest) if rest.len() == 8 => {
+                        (le32(&rest[..4], "Hello")?, le32(&rest[4..], "Hello")?)
+                    }
                     // Another version's Hello: its version is what matters.
                     _ if version != VERSION => (0, 0),
                     _ => return Err(Error::Malformed("Hello")),

@@ -37,7 +37,10 @@ fn all_messages() -> Vec<Msg> {
         Msg::Stdin(vec![1; MAX_DATA]),
         Msg::StdinEof,
         Msg::Signal { signo: 15 },
-        Msg::Resize { rows: 50, cols: 132 },
+        Msg::Resize {
+            rows: 50,
+            cols: 132,
+        },
     ]
 }
 
@@ -84,14 +87,14 @@ fn hostile_frames_are_errors() {
         frame(u32::MAX, 3, b""),
         frame(1, 99, b""),
         frame(1, 0, b""),
-        frame(3, 1, b"ab"),       // Hello too short
-        frame(2, 2, b"x"),        // Started with a payload
-        frame(1, 3, b""),         // empty Stdout
-        frame(3, 6, b"\x02a"),    // Exited bad tag / short
+        frame(3, 1, b"ab"),                   // Hello too short
+        frame(2, 2, b"x"),                    // Started with a payload
+        frame(1, 3, b""),                     // empty Stdout
+        frame(3, 6, b"\x02a"),                // Exited bad tag / short
         frame(6, 6, b"\x00\xff\xff\xff\xff"), // exit code past i32: 0xffffffff is -1 as i32? no: u32 > i32::MAX
-        frame(1, 7, b""),         // Failed without a code
-        frame(4, 17, b"{x}"),     // Exec not JSON
-        frame(3, 21, b"ab"),      // Resize short
+        frame(1, 7, b""),                     // Failed without a code
+        frame(4, 17, b"{x}"),                 // Exec not JSON
+        frame(3, 21, b"ab"),                  // Resize short
     ];
     for (i, bytes) in cases.iter().enumerate() {
         let mut r = bytes.as_slice();

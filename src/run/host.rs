@@ -107,7 +107,6 @@ pub fn session(stream: UnixStream, w: Watch) -> Ending {
         return Ending::Lost(format!("cannot start the output thread: {e}"));
     }
     let mut writer = stream;
-    let started = Instant::now();
     let mut stop_asked: Option<(i32, Instant)> = None;
     let mut stdin_open = w.stdin;
     let mut sent_stdin: u32 = 0;
@@ -122,9 +121,15 @@ pub fn session(stream: UnixStream, w: Watch) -> Ending {
             }
             Err(mpsc::TryRecvError::Empty) => {}
         }
-        if let Some(t) = w.timeout {
+        // --timeout bounds the command: it counts from the command's start.
+        if let (Some(t), Some(started)) = (w.timeout, w.started.get()) {
             if started.elapsed() >= t {
-                let _ = protocol::write_msg(&mut writer, &Msg::Signal { signo: libc::SIGKILL });
+                let _ = protocol::write_msg(
+                    &mut writer,
+                    &Msg::Signal {
+                        signo: libc::SIGKILL,
+                    },
+                );
                 // The agent reports the kill; the verdict is the timeout.
                 let _ = rx.recv_timeout(GRACE);
                 return Ending::TimedOut;
@@ -237,7 +242,9 @@ fn read_output(
             Msg::Exited(status) => return Ending::Exited(status),
             Msg::Failed { code, message } => return Ending::Failed(code, message),
             other => {
-                return Ending::Lost(format!("the agent sent {other:?}, which only the host sends"))
+                return Ending::Lost(format!(
+                    "the agent sent {other:?}, which only the host sends"
+                ))
             }
         }
     }

@@ -42,7 +42,10 @@ const CHAR_DEV: u32 = 0o020_600;
 /// kernel code copies at every boot. Anything that is not a 64-bit
 /// little-endian ELF is returned whole.
 fn loadable(mut elf: Vec<u8>) -> Vec<u8> {
-    let u16_at = |b: &[u8], o: usize| b.get(o..o.checked_add(2)?).map(|s| u16::from_le_bytes([s[0], s[1]]));
+    let u16_at = |b: &[u8], o: usize| {
+        b.get(o..o.checked_add(2)?)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]))
+    };
     let u64_at = |b: &[u8], o: usize| {
         b.get(o..o.checked_add(8)?)
             .and_then(|s| s.try_into().ok())
@@ -65,7 +68,10 @@ fn loadable(mut elf: Vec<u8>) -> Vec<u8> {
         else {
             return elf;
         };
-        let (Some(offset), Some(filesz)) = (u64_at(&elf, at.saturating_add(8)), u64_at(&elf, at.saturating_add(0x20))) else {
+        let (Some(offset), Some(filesz)) = (
+            u64_at(&elf, at.saturating_add(8)),
+            u64_at(&elf, at.saturating_add(0x20)),
+        ) else {
             return elf;
         };
         end = end.max(offset.saturating_add(filesz));
@@ -97,7 +103,15 @@ pub fn write(out: &Path, agent: &Path) -> io::Result<()> {
         header(w, ino, &e)
     };
     for name in ["dev", "proc", "sys", "kiln"] {
-        entry(&mut w, Entry { name, mode: DIR, rdev: (0, 0), size: 0 })?;
+        entry(
+            &mut w,
+            Entry {
+                name,
+                mode: DIR,
+                rdev: (0, 0),
+                size: 0,
+            },
+        )?;
     }
     // The kernel opens it for init's stdio before anything is mounted.
     entry(
@@ -170,7 +184,10 @@ mod tests {
             .status()
             .unwrap();
         assert!(ok.success());
-        assert_eq!(std::fs::read(extract.join("init")).unwrap(), b"#!agent\x00binary");
+        assert_eq!(
+            std::fs::read(extract.join("init")).unwrap(),
+            b"#!agent\x00binary"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -186,7 +203,8 @@ mod tests {
         assert_eq!(&cut[0x28..0x30], &[0; 8]);
         let path = dir.join("true");
         std::fs::write(&path, &cut).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let status = std::process::Command::new(&path).status().unwrap();
         assert!(status.success());
         // Garbage and truncated headers come back unchanged.

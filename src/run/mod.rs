@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::RunArgs;
 use crate::config::VmConfig;
+use crate::image::ImageConfig;
 use crate::protocol::{self, ExecSpec, ExitStatus, Msg, AGENT_PORT, VERSION};
 use crate::terminal::RawMode;
 use crate::vmm::exit::ExitReason;
@@ -61,8 +62,8 @@ pub enum Error {
     Config(#[source] crate::config::Error),
     #[error("the VM cannot be built")]
     Vmm(#[source] crate::vmm::Error),
-    #[error("image {}", .0.display())]
-    Image(PathBuf, #[source] ImageError),
+    #[error("--image")]
+    Image(#[source] crate::image::Error),
     #[error("the guest did not start kiln's agent within {0:?}")]
     BootTimeout(Duration),
     #[error("the VM ended before its agent called in ({0})")]
@@ -75,15 +76,6 @@ pub enum Error {
     Version(u32),
     #[error("no command: give one after `--` (the image has no Entrypoint or Cmd)")]
     NoCommand,
-}
-
-/// What went wrong with an image.
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    #[error("is not an ext4 image (other image formats are not supported yet)")]
-    Unsupported,
-    #[error("cannot be read")]
-    Read(#[source] std::io::Error),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -103,42 +95,37 @@ pub fn cache_dir() -> PathBuf {
 /// The image's root file system and defaults.
 struct Image {
     ext4: PathBuf,
-    env: Vec<String>,
-    working_dir: Option<String>,
-    user: Option<String>,
-    entrypoint: Vec<String>,
-    cmd: Vec<String>,
+    config: ImageConfig,
 }
 
-/// An ext4 file is used as is; no image is kiln's default (busybox) one.
-fn prepare_image(spec: Option<&Path>, quiet: bool) -> Result<Image, Error> {
+/// The image given, made ready (see [`crate::image`]); without one, kiln's
+/// default (busybox) image.
+fn prepare_image(spec: Option<&Path>, scratch: &Path, quiet: bool) -> Result<Image, Error> {
     let mut progress = |m: &str| {
         if !quiet {
             eprintln!("kiln: {m}");
         }
     };
-    let path = match spec {
-        Some(p) => p.to_path_buf(),
-        None => crate::image::busybox::image(&cache_dir(), &mut progress)
-            .map_err(Error::DefaultImage)?,
+    let Some(spec) = spec else {
+        let ext4 = crate::image::busybox::image(&cache_dir(), &mut progress)
+            .map_err(Error::DefaultImage)?;
+        return Ok(Image {
+            ext4,
+            config: ImageConfig {
+                cmd: vec!["/bin/sh".into()],
+                ..ImageConfig::default()
+            },
+        });
     };
-    let mut magic = [0u8; 2];
-    let read = std::fs::File::open(&path).and_then(|f| {
-        use std::os::unix::fs::FileExt;
-        f.read_exact_at(&mut magic, 1080)
-    });
-    match read {
-        Ok(()) if magic == [0x53, 0xef] => Ok(Image {
-            ext4: path,
-            env: Vec::new(),
-            working_dir: None,
-            user: None,
-            entrypoint: Vec::new(),
-            cmd: vec!["/bin/sh".into()],
-        }),
-        Ok(()) => Err(Error::Image(path, ImageError::Unsupported)),
-        Err(e) => Err(Error::Image(path, ImageError::Read(e))),
+    let prepared =
+        crate::image::prepare(spec, &cache_dir(), scratch, &mut progress).map_err(Error::Image)?;
+    if let Some(id) = &prepared.id {
+        log::info!("image {}: {id}", spec.display());
     }
+    Ok(Image {
+        ext4: prepared.ext4,
+        config: prepared.config,
+    })
 }
 
 /// `--env`, `--env-file` and the image's Env, with PATH and TERM defaults.
@@ -151,13 +138,16 @@ fn environment(args: &RunArgs, image: &Image) -> Result<Vec<String>, Error> {
         env.retain(|(key, _)| key != k);
         env.push((k.to_string(), v.to_string()));
     };
-    for kv in &image.env {
+    for kv in &image.config.env {
         if let Some((k, v)) = kv.split_once('=') {
             set(k, v);
         }
     }
     if args.tty {
-        set("TERM", &std::env::var("TERM").unwrap_or_else(|_| "xterm".into()));
+        set(
+            "TERM",
+            &std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+        );
     }
     for path in &args.env_files {
         let text = std::fs::read_to_string(path).map_err(io_err(format!(
@@ -251,7 +241,9 @@ pub fn main(args: RunArgs, log_level: Option<log::LevelFilter>) -> u8 {
 fn finish(ending: Ending, console: &ConsoleTail) -> u8 {
     match ending {
         Ending::Exited(ExitStatus::Code(c)) => u8::try_from(c & 0xff).unwrap_or(code::KILN_FAILED),
-        Ending::Exited(ExitStatus::Signal(s)) => u8::try_from(128 + (s & 0x7f)).unwrap_or(code::KILN_FAILED),
+        Ending::Exited(ExitStatus::Signal(s)) => {
+            u8::try_from(128 + (s & 0x7f)).unwrap_or(code::KILN_FAILED)
+        }
         Ending::Failed(c, message) => {
             eprintln!("kiln: {message}");
             c
@@ -276,7 +268,8 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
     // First, so that every run (even one that fails at once) removes what
     // killed runs left behind.
     let mut timeline = Timeline::new();
-    let dir = rundir::RunDir::create(&rundir::base()).map_err(io_err("cannot make the run directory"))?;
+    let dir =
+        rundir::RunDir::create(&rundir::base()).map_err(io_err("cannot make the run directory"))?;
     let kernel = args
         .kernel
         .clone()
@@ -294,12 +287,24 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
             return Err(Error::MountNotDir(m.host.clone()));
         }
     }
-    let image = prepare_image(args.image.as_deref(), args.quiet)?;
+    let image = prepare_image(args.image.as_deref(), dir.path(), args.quiet)?;
     timeline.image = timeline.since_start();
     let argv: Vec<String> = if args.command.is_empty() {
-        image.entrypoint.iter().chain(&image.cmd).cloned().collect()
+        image
+            .config
+            .entrypoint
+            .iter()
+            .chain(&image.config.cmd)
+            .cloned()
+            .collect()
     } else {
-        image.entrypoint.iter().chain(&args.command).cloned().collect()
+        image
+            .config
+            .entrypoint
+            .iter()
+            .chain(&args.command)
+            .cloned()
+            .collect()
     };
     if argv.is_empty() {
         return Err(Error::NoCommand);
@@ -379,9 +384,9 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
             cwd: args
                 .workdir
                 .clone()
-                .or(image.working_dir.clone())
+                .or(image.config.working_dir.clone())
                 .unwrap_or_else(|| "/".into()),
-            user: args.user.clone().or(image.user.clone()),
+            user: args.user.clone().or(image.config.user.clone()),
             hostname: "kiln".into(),
             tty: args.tty,
             winsize: if args.tty {
@@ -405,7 +410,8 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
         let mut stream = stream;
         timeline.uptimes = greet(&mut stream, spec)?;
         let _raw = if tty && args.interactive {
-            RawMode::enable(std::io::stdin().as_fd()).map_err(io_err("cannot put the terminal in raw mode"))?
+            RawMode::enable(std::io::stdin().as_fd())
+                .map_err(io_err("cannot put the terminal in raw mode"))?
         } else {
             None
         };
@@ -487,7 +493,8 @@ impl Timeline {
             .get()
             .map_or(self.exited, |t| t.duration_since(self.start));
         // The guest's boot splits at the agent's start (guest clock).
-        let agent_part = Duration::from_millis(u64::from(self.uptimes.1.saturating_sub(self.uptimes.0)));
+        let agent_part =
+            Duration::from_millis(u64::from(self.uptimes.1.saturating_sub(self.uptimes.0)));
         let boot = self.agent.saturating_sub(self.built);
         log::info!(
             "timing (ms): image {:.0}, VM build {:.0}, kernel boot {:.0}, agent start {:.0}, \
@@ -522,7 +529,9 @@ fn accept_agent(
             Err(e) => return Err(io_err("cannot accept the agent's connection")(e)),
         }
         if vm_ended.load(Ordering::SeqCst) {
-            return Err(Error::VmEnded("it rebooted or failed; see the console".into()));
+            return Err(Error::VmEnded(
+                "it rebooted or failed; see the console".into(),
+            ));
         }
         if start.elapsed() > BOOT_TIMEOUT {
             return Err(Error::BootTimeout(BOOT_TIMEOUT));
