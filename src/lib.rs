@@ -9,6 +9,7 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod hostfile;
 pub mod image;
 pub mod loader;
 pub mod logger;
