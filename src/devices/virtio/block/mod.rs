@@ -16,6 +16,7 @@ use vm_memory::Bytes;
 use self::request::{Disk, ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
 use super::queue::Outcome;
 use super::{device_type, features, read_config_space, Active, GuestMem, Sources, VirtioDevice};
+use crate::hostfile::{self, Kind, Quoted};
 
 /// §5.2.3 feature bits.
 pub mod feature_bits {
@@ -66,19 +67,22 @@ pub struct BlockOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open disk image {}", path.display())]
+    #[error("cannot open disk image {}", Quoted(path))]
     Open {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: hostfile::Error,
     },
-    #[error("cannot get the size of disk image {}", path.display())]
+    #[error("cannot get the size of disk image {}", Quoted(path))]
     Size {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("size of disk image {} ({size} bytes) is not a multiple of 512", path.display())]
+    #[error(
+        "size of disk image {} ({size} bytes) is not a multiple of 512",
+        Quoted(path)
+    )]
     NotSectorMultiple { path: PathBuf, size: u64 },
     #[error("drive id {0:?} is longer than 20 bytes")]
     DriveIdTooLong(String),
@@ -101,14 +105,20 @@ impl Block {
         let mut id = [0u8; ID_BYTES];
         id[..id_bytes.len()].copy_from_slice(id_bytes);
 
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(&opts.path)
-            .map_err(|source| Error::Open {
-                path: opts.path.clone(),
-                source,
-            })?;
+        // A regular file or a block device, opened without blocking, and
+        // locked (exclusively when writable) for as long as the device
+        // lives: another VM asking for a conflicting lock is refused.
+        let open_err = |source| Error::Open {
+            path: opts.path.clone(),
+            source,
+        };
+        let mut file = hostfile::open(
+            &opts.path,
+            OpenOptions::new().read(true).write(!opts.read_only),
+            Kind::RegularOrBlock,
+        )
+        .map_err(open_err)?;
+        hostfile::lock(&file, !opts.read_only).map_err(open_err)?;
         // Seeking works for block devices too, where metadata().len() is 0.
         let size = file.seek(SeekFrom::End(0)).map_err(|source| Error::Size {
             path: opts.path.clone(),

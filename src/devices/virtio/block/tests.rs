@@ -231,7 +231,7 @@ fn construction_errors() {
     let err = Block::new(missing).err().unwrap();
     assert_eq!(
         crate::error_chain(&err),
-        "cannot open disk image /nonexistent/kiln.img: No such file or directory (os error 2)"
+        "cannot open disk image \"/nonexistent/kiln.img\": No such file or directory (os error 2)"
     );
     let img = TempImage::new(512);
     let long = BlockOptions {
@@ -522,4 +522,30 @@ fn chunked_io_splits_buffers_and_keeps_data() {
         ..back
     };
     assert_eq!(execute(&beyond, &disk, &mem).0, VIRTIO_BLK_S_IOERR);
+}
+
+#[test]
+fn the_image_is_locked_for_the_device_life() {
+    let img = TempImage::new(DISK_SECTORS * SECTOR_SIZE);
+    let writer = Block::new(opts(&img, false, CacheMode::Unsafe)).unwrap();
+    // A second writer or reader (another VM) is refused while it lives.
+    for read_only in [false, true] {
+        let err = Block::new(opts(&img, read_only, CacheMode::Unsafe))
+            .err()
+            .unwrap();
+        assert_eq!(
+            crate::error_chain(&err),
+            format!(
+                "cannot open disk image {:?}: in use by another VM (locked)",
+                img.0
+            )
+        );
+    }
+    drop(writer);
+    // Readers share; a writer waits for them all to end.
+    let reader = Block::new(opts(&img, true, CacheMode::Unsafe)).unwrap();
+    let reader2 = Block::new(opts(&img, true, CacheMode::Unsafe)).unwrap();
+    assert!(Block::new(opts(&img, false, CacheMode::Unsafe)).is_err());
+    drop((reader, reader2));
+    Block::new(opts(&img, false, CacheMode::Unsafe)).unwrap();
 }
