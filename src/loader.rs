@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::arch::x86_64::boot::initrd_address;
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use crate::arch::x86_64::regs::EntryMode;
+use crate::hostfile::{self, Kind, Quoted};
 
 /// The 64-bit entry point of a bzImage is 0x200 past its protected-mode
 /// code (Documentation/x86/boot.rst, "64-bit boot protocol").
@@ -20,38 +21,78 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 /// setup_header.xloadflags: XLF_KERNEL_64, the kernel has the 64-bit entry.
 const XLF_KERNEL_64: u16 = 1 << 0;
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+/// ELF64 header: e_phoff (u64) @0x20, e_phentsize (u16) @0x36, e_phnum
+/// (u16) @0x38 (System V gABI, "ELF Header").
+const ELF64_EHDR_SIZE: usize = 64;
+/// Program header p_type value of a loadable segment (gABI, "Program Header").
+const PT_LOAD: u32 = 1;
+/// Documentation/arch/x86/boot.rst, "The Real-Mode Kernel Header": setup_sects
+/// (u8) @0x1f1, syssize (u32, 16-byte units) @0x1f4; the header ends by 0x268.
+const BZ_SETUP_SECTS: usize = 0x1f1;
+const BZ_SYSSIZE: usize = 0x1f4;
+/// The header's magic, "HdrS", @0x202.
+const BZ_MAGIC: usize = 0x202;
+const BZ_HEADER_END: usize = 0x268;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open kernel image {path}")]
+    #[error("cannot open kernel image {}", Quoted(path))]
     OpenKernel {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: hostfile::Error,
     },
-    #[error("cannot load kernel image {path} as an ELF vmlinux")]
+    #[error("cannot load kernel image {} as an ELF vmlinux", Quoted(path))]
     Elf {
         path: PathBuf,
         #[source]
         source: linux_loader::loader::Error,
     },
-    #[error("cannot load kernel image {path} as a bzImage (it is not an ELF file either)")]
+    #[error("kernel image {} is an ELF file with no loadable (PT_LOAD) segment", Quoted(.0))]
+    ElfNoLoad(PathBuf),
+    #[error(
+        "cannot load kernel image {} as a bzImage (it is not an ELF file either)",
+        Quoted(path)
+    )]
     BzImage {
         path: PathBuf,
         #[source]
         source: linux_loader::loader::Error,
     },
-    #[error("kernel image {0} is a bzImage without the 64-bit entry point (XLF_KERNEL_64)")]
+    #[error(
+        "kernel image {} is a truncated bzImage: its header says {expected} bytes, \
+         the file has {actual}",
+        Quoted(path)
+    )]
+    BzImageTruncated {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "kernel image {} is a bzImage without the 64-bit entry point (XLF_KERNEL_64)",
+        Quoted(.0)
+    )]
     Not64Bit(PathBuf),
-    #[error("cannot read initrd {path}")]
+    #[error("cannot open initrd {}", Quoted(path))]
+    OpenInitrd {
+        path: PathBuf,
+        #[source]
+        source: hostfile::Error,
+    },
+    #[error("cannot read initrd {}", Quoted(path))]
     ReadInitrd {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("initrd {path} ({size} bytes) does not fit in guest memory above the kernel; raise machine-config.mem_size_mib")]
+    #[error(
+        "initrd {} ({size} bytes) does not fit in guest memory above the kernel; \
+         raise machine-config.mem_size_mib",
+        Quoted(path)
+    )]
     InitrdTooLarge { path: PathBuf, size: u64 },
-    #[error("cannot copy initrd {path} into guest memory")]
+    #[error("cannot copy initrd {} into guest memory", Quoted(path))]
     CopyInitrd {
         path: PathBuf,
         #[source]
@@ -83,6 +124,74 @@ fn is_elf(file: &mut File) -> std::io::Result<bool> {
     Ok(n == 4 && &magic == ELF_MAGIC)
 }
 
+/// Reads up to `buf.len()` bytes at `offset`; returns how many there were.
+fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    file.seek(SeekFrom::Start(offset))?;
+    // One read may return less than is there; read on until the end.
+    let mut total = 0;
+    while total < buf.len() {
+        match file.read(&mut buf[total..])? {
+            0 => break,
+            m => total += m,
+        }
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(total)
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// Whether the ELF64 file has at least one PT_LOAD program header: one
+/// without any loads nothing, and the guest would start in empty memory.
+/// (linux-loader checks the header itself, and refuses a file shorter than
+/// its program headers.)
+fn elf_has_load_segment(file: &mut File) -> std::io::Result<bool> {
+    let mut ehdr = [0u8; ELF64_EHDR_SIZE];
+    if read_at(file, 0, &mut ehdr)? < ELF64_EHDR_SIZE {
+        return Ok(true); // too short: linux-loader says so
+    }
+    let mut phoff = [0u8; 8];
+    phoff.copy_from_slice(&ehdr[0x20..0x28]);
+    let phoff = u64::from_le_bytes(phoff);
+    let phentsize = u64::from(le16(&ehdr, 0x36));
+    let phnum = le16(&ehdr, 0x38);
+    for i in 0..u64::from(phnum) {
+        let Some(at) = i.checked_mul(phentsize).and_then(|o| o.checked_add(phoff)) else {
+            return Ok(false);
+        };
+        let mut p_type = [0u8; 4];
+        if read_at(file, at, &mut p_type)? < 4 {
+            return Ok(false);
+        }
+        if u32::from_le_bytes(p_type) == PT_LOAD {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The size a bzImage's header says the file has: the setup sectors plus
+/// the boot sector, then `syssize` 16-byte units of protected-mode code.
+/// None when the file is too short to hold the header or has no "HdrS"
+/// magic: then it is linux-loader's to refuse.
+fn bzimage_declared_size(file: &mut File) -> std::io::Result<Option<u64>> {
+    let mut hdr = [0u8; BZ_HEADER_END];
+    if read_at(file, 0, &mut hdr)? < BZ_HEADER_END || &hdr[BZ_MAGIC..BZ_MAGIC + 4] != b"HdrS" {
+        return Ok(None);
+    }
+    // boot.rst: "If this field is 0, the real value is 4."
+    let setup_sects = match hdr[BZ_SETUP_SECTS] {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let mut syssize = [0u8; 4];
+    syssize.copy_from_slice(&hdr[BZ_SYSSIZE..BZ_SYSSIZE + 4]);
+    let syssize = u64::from(u32::from_le_bytes(syssize));
+    Ok(Some((setup_sects + 1) * 512 + syssize * 16))
+}
+
 /// Loads the kernel at `path`: an ELF vmlinux (entered through PVH when it
 /// carries the PVH note, through the 64-bit boot protocol otherwise) or a
 /// bzImage (64-bit boot protocol).
@@ -91,9 +200,13 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, E
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(open_err)?;
+    let mut file = hostfile::open_read(path, Kind::Regular).map_err(open_err)?;
+    let read_err = |e: std::io::Error| open_err(e.into());
     let highmem = Some(GuestAddress(HIMEM_START));
-    if is_elf(&mut file).map_err(open_err)? {
+    if is_elf(&mut file).map_err(read_err)? {
+        if !elf_has_load_segment(&mut file).map_err(read_err)? {
+            return Err(Error::ElfNoLoad(path.to_owned()));
+        }
         let r = Elf::load(mem, None, &mut file, highmem).map_err(|source| Error::Elf {
             path: path.to_owned(),
             source,
@@ -108,6 +221,16 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, E
             setup_header: None,
             end: r.kernel_end,
         });
+    }
+    let actual = file.metadata().map_err(read_err)?.len();
+    if let Some(expected) = bzimage_declared_size(&mut file).map_err(read_err)? {
+        if actual < expected {
+            return Err(Error::BzImageTruncated {
+                path: path.to_owned(),
+                expected,
+                actual,
+            });
+        }
     }
     let r = BzImage::load(mem, None, &mut file, highmem).map_err(|source| Error::BzImage {
         path: path.to_owned(),
@@ -136,7 +259,11 @@ pub fn load_initrd(
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let mut file =
+        hostfile::open_read(path, Kind::Regular).map_err(|source| Error::OpenInitrd {
+            path: path.to_owned(),
+            source,
+        })?;
     let size = file.metadata().map_err(read_err)?.len();
     let max_addr = kernel
         .setup_header
@@ -225,6 +352,106 @@ mod tests {
     fn missing_kernel_names_the_path() {
         let err = load_kernel(&mem(), Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinux"));
+    }
+
+    /// An ELF64 header with one program header of type `p_type`.
+    fn elf_with_one_segment(p_type: u32) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1000];
+        f[0..4].copy_from_slice(ELF_MAGIC);
+        f[4] = 2; // ELFCLASS64
+        f[5] = 1; // little endian
+        f[6] = 1; // EV_CURRENT
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // e_entry
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        f[64..68].copy_from_slice(&p_type.to_le_bytes());
+        f
+    }
+
+    #[test]
+    fn elf_without_a_load_segment_is_refused() {
+        const PT_NOTE: u32 = 4;
+        let p = temp_file("no-load", &elf_with_one_segment(PT_NOTE));
+        let err = load_kernel(&mem(), &p).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("kernel image {p:?} is an ELF file with no loadable (PT_LOAD) segment")
+        );
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// A bzImage header (boot.rst) with `setup_sects` and `syssize`, padded
+    /// to `len` bytes.
+    fn bzimage(setup_sects: u8, syssize: u32, len: usize) -> Vec<u8> {
+        let mut f = vec![0u8; len.max(BZ_HEADER_END)];
+        f[BZ_SETUP_SECTS] = setup_sects;
+        f[BZ_SYSSIZE..BZ_SYSSIZE + 4].copy_from_slice(&syssize.to_le_bytes());
+        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes()); // boot_flag
+        f[BZ_MAGIC..BZ_MAGIC + 4].copy_from_slice(b"HdrS");
+        f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        f.truncate(len);
+        f
+    }
+
+    #[test]
+    fn truncated_bzimage_is_refused_with_both_sizes() {
+        // The header says 5 sectors of setup and 64 KiB of kernel.
+        let p = temp_file("bz-short", &bzimage(4, 0x1000, 5 * 512 + 100));
+        let err = load_kernel(&mem(), &p).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "kernel image {p:?} is a truncated bzImage: its header says 68096 bytes, \
+                 the file has 2660"
+            )
+        );
+        // Shorter than its own setup sectors (0 means 4, then the boot sector).
+        let p2 = temp_file("bz-setup", &bzimage(0, 0, 0x300));
+        let err = load_kernel(&mem(), &p2).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::BzImageTruncated {
+                expected: 2560,
+                actual: 0x300,
+                ..
+            }
+        ));
+        // Whole, it gets past the size check (to linux-loader's and kiln's own).
+        let p3 = temp_file("bz-whole", &bzimage(4, 0x10, 5 * 512 + 0x100));
+        let err = load_kernel(&mem(), &p3).unwrap_err();
+        assert!(!matches!(err, Error::BzImageTruncated { .. }), "{err}");
+        for p in [p, p2, p3] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_fifo_kernel_or_initrd_is_refused_without_blocking() {
+        let p = std::env::temp_dir().join(format!("kiln-loader-{}-fifo", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = load_kernel(&mem(), &p).unwrap_err();
+        assert_eq!(
+            crate::error_chain(&err),
+            format!("cannot open kernel image {p:?}: it is a named pipe, not a regular file")
+        );
+        let k = LoadedKernel {
+            entry: 0,
+            mode: EntryMode::Linux64,
+            setup_header: None,
+            end: 0x20_0000,
+        };
+        let err = load_initrd(&mem(), 64 << 20, &p, &k).unwrap_err();
+        assert!(matches!(err, Error::OpenInitrd { .. }), "{err}");
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]
