@@ -33,7 +33,7 @@ pub mod vmm;
 /// let err = VmConfig::from_file("/nonexistent/vm.json".as_ref()).unwrap_err();
 /// assert_eq!(
 ///     kiln::error_chain(&err),
-///     "cannot read config file /nonexistent/vm.json: No such file or directory (os error 2)"
+///     "cannot read config file \"/nonexistent/vm.json\": No such file or directory (os error 2)"
 /// );
 /// ```
 pub fn error_chain(e: &dyn std::error::Error) -> String {

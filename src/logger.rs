@@ -6,25 +6,26 @@
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use log::{LevelFilter, Log, Metadata, Record};
 
 use crate::config::LoggerConfig;
+use crate::hostfile::{self, Kind, Quoted};
 
 /// Why the logger could not be installed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `logger.log_path` cannot be opened for appending.
-    #[error("cannot open logger.log_path {}", path.display())]
+    #[error("cannot open logger.log_path {}", Quoted(path))]
     Open {
         /// The path as written in the config.
         path: PathBuf,
-        /// The OS error.
+        /// The OS error, or the wrong kind of file.
         #[source]
-        source: io::Error,
+        source: hostfile::Error,
     },
 }
 
@@ -157,14 +158,17 @@ impl Log for Logger {
 pub fn init(options: &Options) -> Result<(), Error> {
     let file = match &options.log_path {
         Some(path) => {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| Error::Open {
-                    path: path.clone(),
-                    source,
-                })?;
+            // A named pipe with no reader fails at once (ENXIO) instead
+            // of blocking kiln in open.
+            let file = hostfile::open(
+                path,
+                OpenOptions::new().create(true).append(true),
+                Kind::RegularOrFifo,
+            )
+            .map_err(|source| Error::Open {
+                path: path.clone(),
+                source,
+            })?;
             Some(Mutex::new(file))
         }
         None => None,
@@ -282,5 +286,39 @@ mod tests {
             Some("kiln::config")
         );
         assert_eq!(module("").module, None);
+    }
+
+    #[test]
+    fn log_path_must_be_a_file_or_a_pipe_someone_reads() {
+        let dir = std::env::temp_dir().join(format!("kiln-logger-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("log\u{1b}[2J");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let options = |path: &std::path::Path| Options {
+            log_path: Some(path.to_path_buf()),
+            ..Options::default()
+        };
+        // Refused at once rather than waiting for a reader; the path is
+        // named, its escape sequence escaped.
+        let err = init(&options(&fifo)).unwrap_err();
+        let msg = crate::error_chain(&err);
+        assert_eq!(
+            msg,
+            format!(
+                "cannot open logger.log_path {:?}: it is a named pipe that nothing reads from",
+                fifo
+            )
+        );
+        assert!(!msg.contains('\u{1b}'), "{msg}");
+        let err = init(&options(std::path::Path::new("/dev/null"))).unwrap_err();
+        assert_eq!(
+            crate::error_chain(&err),
+            "cannot open logger.log_path \"/dev/null\": \
+             it is a character device, not a regular file or a named pipe"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -42,7 +42,7 @@ fn missing_config_file_is_named() {
     // The path, then the OS error, each once.
     assert_eq!(
         text(&out.stderr),
-        "kiln: error: cannot read config file /nonexistent/vm.json: \
+        "kiln: error: cannot read config file \"/nonexistent/vm.json\": \
          No such file or directory (os error 2)\n"
     );
 }
@@ -64,8 +64,8 @@ fn unopenable_log_path_is_named() {
     assert_eq!(
         text(&out.stderr),
         format!(
-            "kiln: error: cannot open logger.log_path {}: No such file or directory (os error 2)\n",
-            log_path.display()
+            "kiln: error: cannot open logger.log_path {:?}: No such file or directory (os error 2)\n",
+            log_path
         )
     );
     let _ = std::fs::remove_dir_all(&dir);

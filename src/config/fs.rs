@@ -104,15 +104,15 @@ mod tests {
             ),
             (
                 json!([{ "tag": "a", "path_on_host": "/nonexistent/kiln" }]),
-                "fs[0].path_on_host (tag \"a\"): cannot use /nonexistent/kiln: \
+                "fs[0].path_on_host (tag \"a\"): cannot use \"/nonexistent/kiln\": \
                  No such file or directory (os error 2)"
                     .to_string(),
             ),
             (
                 json!([{ "tag": "a", "path_on_host": files.kernel.path() }]),
                 format!(
-                    "fs[0].path_on_host (tag \"a\"): {} is not a directory",
-                    files.kernel.path().display()
+                    "fs[0].path_on_host (tag \"a\"): {:?} is not a directory",
+                    files.kernel.path()
                 ),
             ),
         ];

@@ -6,6 +6,7 @@
 //! fields are errors) and [`VmConfig::validate`] refuses what kiln cannot do
 //! yet instead of silently ignoring it.
 
+mod files;
 mod fs;
 #[cfg(test)]
 mod schema_tests;
@@ -13,14 +14,15 @@ mod sections;
 #[cfg(test)]
 mod tests;
 
-use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use files::MAX_CONFIG_BYTES;
 pub use fs::{FsConfig, MAX_FS_TAG};
+
+use crate::hostfile::{self, Kind, Quoted};
 pub use sections::*;
 
 /// Smallest guest memory kiln accepts, in MiB: below this a Linux guest
@@ -39,18 +41,35 @@ const MIB: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The config file could not be read.
-    #[error("cannot read config file {}", path.display())]
+    #[error("cannot read config file {}", Quoted(path))]
     ReadFile {
         /// The config file.
         path: PathBuf,
-        /// Why it could not be read.
+        /// Why it could not be read (or is not a regular file).
         #[source]
-        source: io::Error,
+        source: hostfile::Error,
+    },
+    /// The config file is longer than [`MAX_CONFIG_BYTES`].
+    #[error("config file {} is larger than 1 MiB", Quoted(path))]
+    ConfigTooLarge {
+        /// The config file.
+        path: PathBuf,
+    },
+    /// The top level, a section or a list entry is valid JSON but not an
+    /// object.
+    #[error("{origin}: {what} must be a JSON object, not {found}")]
+    NotAnObject {
+        /// `config file "vm.json"`, or `config` for text.
+        origin: String,
+        /// `the top level`, `section "boot-source"`, `drives[1]`.
+        what: String,
+        /// What it is instead: `an array`, `a string`, ...
+        found: &'static str,
     },
     /// The config file is not valid JSON for the schema (syntax, unknown
     /// field, wrong type, missing field); serde's message, the source, says
     /// which field and where.
-    #[error("invalid config file {}", path.display())]
+    #[error("invalid config file {}", Quoted(path))]
     ParseFile {
         /// The config file.
         path: PathBuf,
@@ -91,7 +110,7 @@ pub enum Error {
         guest_limit_mib: u64,
     },
     /// A file named by the config cannot be opened as needed.
-    #[error("{field}: cannot open {} for {access}", path.display())]
+    #[error("{field}: cannot open {} for {access}", Quoted(path))]
     File {
         /// The field naming the file, e.g. `drives[0].path_on_host (drive_id "rootfs")`.
         field: String,
@@ -99,9 +118,25 @@ pub enum Error {
         path: PathBuf,
         /// `reading` or `reading and writing`.
         access: &'static str,
-        /// The OS error.
+        /// The OS error, the wrong kind of file, or a lock held elsewhere.
         #[source]
-        source: io::Error,
+        source: hostfile::Error,
+    },
+    /// One file as two drives, at least one of them read-write: the guest
+    /// would see two disks whose writes corrupt each other.
+    #[error(
+        "drives[{second}] (drive_id {second_id:?}) is the same file as drives[{first}] \
+         (drive_id {first_id:?}): a file can be a drive only once when it is read-write"
+    )]
+    SameDriveFile {
+        /// Index of the first drive.
+        first: usize,
+        /// Its id.
+        first_id: String,
+        /// Index of the second.
+        second: usize,
+        /// Its id.
+        second_id: String,
     },
     /// A drive without `path_on_host` (Firecracker allows that only for
     /// vhost-user drives).
@@ -178,7 +213,7 @@ pub enum Error {
         second: usize,
     },
     /// An `fs` folder that cannot be looked at.
-    #[error("{field}: cannot use {}", path.display())]
+    #[error("{field}: cannot use {}", Quoted(path))]
     FsPath {
         /// `fs[N].path_on_host (tag ...)`.
         field: String,
@@ -189,7 +224,7 @@ pub enum Error {
         source: io::Error,
     },
     /// An `fs` folder that is not a directory.
-    #[error("{field}: {} is not a directory", path.display())]
+    #[error("{field}: {} is not a directory", Quoted(path))]
     FsNotADirectory {
         /// `fs[N].path_on_host (tag ...)`.
         field: String,
@@ -302,10 +337,8 @@ impl VmConfig {
     /// Reads and parses the file without validating it, so that the
     /// `logger` section can be set up before [`VmConfig::validate`] logs.
     pub fn parse_file(path: &Path) -> Result<VmConfig, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = files::read_config(path)?;
+        files::check_shape(&text, || format!("config file {}", Quoted(path)))?;
         serde_json::from_str(&text).map_err(|source| Error::ParseFile {
             path: path.to_path_buf(),
             source,
@@ -325,6 +358,7 @@ impl VmConfig {
     /// assert!(err.to_string().contains("vcpu_count"), "{err}");
     /// ```
     pub fn from_json(text: &str) -> Result<VmConfig, Error> {
+        files::check_shape(text, || "config".to_string())?;
         let config: VmConfig = serde_json::from_str(text).map_err(Error::Parse)?;
         config.validate()?;
         Ok(config)
@@ -341,9 +375,7 @@ impl VmConfig {
         self.check_supported()?;
         check_mem_size_on_host(self.machine_config.mem_size_mib)?;
         self.boot_source.check_files()?;
-        for (index, drive) in self.drives.iter().enumerate() {
-            drive.check_file(index)?;
-        }
+        files::check_drives(&self.drives)?;
         if let Some(vsock) = &self.vsock {
             vsock.check()?;
         }
@@ -438,13 +470,19 @@ impl BootSource {
     }
 
     fn check_files(&self) -> Result<(), Error> {
-        check_file(
-            "boot-source.kernel_image_path".to_string(),
+        files::check_file(
+            || "boot-source.kernel_image_path".to_string(),
             &self.kernel_image_path,
             false,
+            Kind::Regular,
         )?;
         if let Some(initrd) = &self.initrd_path {
-            check_file("boot-source.initrd_path".to_string(), initrd, false)?;
+            files::check_file(
+                || "boot-source.initrd_path".to_string(),
+                initrd,
+                false,
+                Kind::Regular,
+            )?;
         }
         Ok(())
     }
@@ -477,25 +515,6 @@ impl VsockConfig {
     }
 }
 
-impl BlockDeviceConfig {
-    fn check_file(&self, index: usize) -> Result<(), Error> {
-        if self.path_on_host.as_os_str().is_empty() {
-            return Err(Error::MissingDrivePath {
-                index,
-                drive_id: self.drive_id.clone(),
-            });
-        }
-        check_file(
-            format!(
-                "drives[{index}].path_on_host (drive_id {:?})",
-                self.drive_id
-            ),
-            &self.path_on_host,
-            !self.is_read_only,
-        )
-    }
-}
-
 /// Checks drive ids are non-empty and unique, and that at most one drive is
 /// the root device.
 fn check_drive_ids(drives: &[BlockDeviceConfig]) -> Result<(), Error> {
@@ -524,35 +543,6 @@ fn check_drive_ids(drives: &[BlockDeviceConfig]) -> Result<(), Error> {
             }
             root = Some(&drive.drive_id);
         }
-    }
-    Ok(())
-}
-
-/// Checks that `path` can be opened for reading (and writing if `write`) and
-/// is not a directory. The file is closed again at once.
-///
-/// `O_NONBLOCK` keeps a named pipe from blocking the check forever.
-fn check_file(field: String, path: &Path, write: bool) -> Result<(), Error> {
-    let access = if write {
-        "reading and writing"
-    } else {
-        "reading"
-    };
-    let fail = |source: io::Error| Error::File {
-        field: field.clone(),
-        path: path.to_path_buf(),
-        access,
-        source,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(fail)?;
-    let metadata = file.metadata().map_err(fail)?;
-    if metadata.is_dir() {
-        return Err(fail(io::Error::from_raw_os_error(libc::EISDIR)));
     }
     Ok(())
 }
