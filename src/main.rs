@@ -75,12 +75,19 @@ fn boot_config(cli: &Cli) -> ExitCode {
     };
     let stdin = std::io::stdin();
     let input = stdin.as_fd().try_clone_to_owned().ok().map(File::from);
+    let console = ConsoleIo { output, input };
+    let vmm = match Vmm::build(&config, console) {
+        Ok(vmm) => vmm,
+        Err(e) => return fail(&error_chain(&e)),
+    };
+    // Raw mode only now, when nothing is left that can fail or block before
+    // the guest runs: until here Ctrl-C and SIGTERM end kiln the usual way
+    // and leave the terminal as it was.
     let raw_mode = match RawMode::enable(stdin.as_fd()) {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot put the terminal in raw mode: {e}")),
     };
-    let console = ConsoleIo { output, input };
-    let result = Vmm::build(&config, console).and_then(Vmm::run);
+    let result = vmm.run();
     drop(raw_mode);
     match result {
         Ok(outcome) => {
