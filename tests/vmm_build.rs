@@ -1,5 +1,6 @@
 //! `Vmm::build` without running the guest: the device registry (what
-//! snapshot/restore and `kiln run` find) and the vsock socket's life.
+//! snapshot/restore and `kiln run` find), drive locks and the vsock
+//! socket's life.
 
 mod common;
 
@@ -49,13 +50,25 @@ fn registry_lists_every_virtio_device_where_the_guest_finds_it() {
             ("vsock", device_type::VSOCK, 0xc000_3000, 8),
         ]
     );
+    // The drives are locked while the VM exists: a second VM on them is
+    // refused at build time (after validation), naming the drive and file.
+    let build_err = |config: &VmConfig| match Vmm::build(config, console()) {
+        Ok(_) => panic!("a second VM on the same drives and uds_path was built"),
+        Err(e) => kiln::error_chain(&e),
+    };
+    assert_eq!(
+        build_err(&config),
+        format!(
+            "cannot create drive \"root\": cannot open disk image {root:?}: \
+             in use by another VM (locked)"
+        )
+    );
     // The socket is live while the VM exists; a second VM is refused,
     // naming the field and the path.
     assert!(uds.exists());
-    let err = match Vmm::build(&config, console()) {
-        Ok(_) => panic!("a second VM on the same uds_path was built"),
-        Err(e) => kiln::error_chain(&e),
-    };
+    let mut no_drives = config.clone();
+    no_drives.drives.clear();
+    let err = build_err(&no_drives);
     assert!(
         err.contains("vsock.uds_path") && err.contains("in use"),
         "{err}"
