@@ -111,19 +111,21 @@ pub(super) fn check_file(
     write: bool,
     kind: Kind,
 ) -> Result<std::fs::File, Error> {
-    let access = if write {
-        "reading and writing"
-    } else {
-        "reading"
-    };
-    hostfile::open(path, OpenOptions::new().read(true).write(write), kind).map_err(|source| {
-        Error::File {
-            field: field(),
-            path: path.to_path_buf(),
-            access,
-            source,
-        }
-    })
+    hostfile::open(path, OpenOptions::new().read(true).write(write), kind)
+        .map_err(|source| file_error(field(), path, write, source))
+}
+
+fn file_error(field: String, path: &Path, write: bool, source: hostfile::Error) -> Error {
+    Error::File {
+        field,
+        path: path.to_path_buf(),
+        access: if write {
+            "reading and writing"
+        } else {
+            "reading"
+        },
+        source,
+    }
 }
 
 fn drive_field(index: usize, drive: &BlockDeviceConfig) -> String {
@@ -151,12 +153,8 @@ pub(super) fn check_drives(drives: &[BlockDeviceConfig]) -> Result<(), Error> {
         let field = || drive_field(index, drive);
         let write = !drive.is_read_only;
         let file = check_file(field, &drive.path_on_host, write, Kind::RegularOrBlock)?;
-        let meta = file.metadata().map_err(|e| Error::File {
-            field: field(),
-            path: drive.path_on_host.clone(),
-            access: "reading",
-            source: e.into(),
-        })?;
+        let fail = |source| file_error(field(), &drive.path_on_host, write, source);
+        let meta = file.metadata().map_err(|e| fail(e.into()))?;
         let key = if meta.file_type().is_file() {
             (meta.dev(), meta.ino())
         } else {
@@ -174,16 +172,7 @@ pub(super) fn check_drives(drives: &[BlockDeviceConfig]) -> Result<(), Error> {
             });
         }
         seen.push((key, index));
-        hostfile::lock(&file, write).map_err(|source| Error::File {
-            field: field(),
-            path: drive.path_on_host.clone(),
-            access: if write {
-                "reading and writing"
-            } else {
-                "reading"
-            },
-            source,
-        })?;
+        hostfile::lock(&file, write).map_err(fail)?;
     }
     Ok(())
 }
