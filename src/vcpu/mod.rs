@@ -6,6 +6,7 @@
 //! vCPU's own thread) so KVM_RUN returns at once wherever the thread is.
 
 pub mod emulation;
+pub mod state;
 
 use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicBool, Ordering};

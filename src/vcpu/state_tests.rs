@@ -1,0 +1,94 @@
+//! Save a running guest's vCPU and VM state, restore it into a new VM with a
+//! copy of its memory, and check the guest goes on where it was.
+
+use super::*;
+use crate::vm::{open_kvm, Vm, VmState};
+use kvm_ioctls::VcpuExit;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Real-mode loop at 0x1000: `inc ax; out 0x80, al; jmp back`.
+const CODE: [u8; 5] = [0x40, 0xe6, 0x80, 0xeb, 0xfb];
+const ENTRY: u64 = 0x1000;
+
+struct Guest {
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    vcpu: VcpuFd,
+}
+
+fn new_guest() -> Guest {
+    let kvm = open_kvm().expect("these tests need /dev/kvm");
+    let vm = Vm::new(kvm, 1).unwrap();
+    let mem = crate::memory::create(16).unwrap();
+    vm.register_memory(&mem, false).unwrap();
+    let vcpu = vm.fd.create_vcpu(0).unwrap();
+    Guest { vm, mem, vcpu }
+}
+
+/// Runs until the next `out 0x80` and returns AL.
+fn next_out(vcpu: &mut VcpuFd) -> u8 {
+    loop {
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut(0x80, data) => return data[0],
+            VcpuExit::Intr => {}
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_restored_guest_goes_on_where_it_was() {
+    let mut a = new_guest();
+    a.mem.write_slice(&CODE, GuestAddress(ENTRY)).unwrap();
+    a.vcpu.set_cpuid2(&a.vm.supported_cpuid).unwrap();
+    let mut sregs = a.vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    a.vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = a.vcpu.get_regs().unwrap();
+    regs.rip = ENTRY;
+    regs.rax = 0;
+    regs.rflags = 2;
+    a.vcpu.set_regs(&regs).unwrap();
+    for i in 1..=10 {
+        assert_eq!(next_out(&mut a.vcpu), i);
+    }
+    let msrs = saveable_msrs(&a.vm.kvm, &a.vcpu).unwrap();
+    assert!(!msrs.is_empty());
+    let cpuid = a.vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let state = VcpuState::save(&a.vcpu, &cpuid, &msrs).unwrap();
+    let vm_state = VmState::save(&a.vm.fd).unwrap();
+    // Through the serialized form, as a snapshot file holds it.
+    let state: VcpuState = serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
+    let vm_state: VmState = serde_json::from_slice(&serde_json::to_vec(&vm_state).unwrap()).unwrap();
+
+    let mut b = new_guest();
+    let mut page = vec![0u8; 0x2000];
+    a.mem.read_slice(&mut page, GuestAddress(0)).unwrap();
+    b.mem.write_slice(&page, GuestAddress(0)).unwrap();
+    vm_state.restore(&b.vm.fd).unwrap();
+    state.restore(&b.vcpu).unwrap();
+    assert_eq!(b.vcpu.get_regs().unwrap().rax & 0xff, 10);
+    for i in 11..=20 {
+        assert_eq!(next_out(&mut b.vcpu), i);
+    }
+    // The original is untouched by its copy.
+    assert_eq!(next_out(&mut a.vcpu), 11);
+}
+
+/// A state naming an MSR this host's KVM does not have is refused, naming
+/// the MSR.
+#[test]
+fn an_unknown_msr_is_refused() {
+    let a = new_guest();
+    a.vcpu.set_cpuid2(&a.vm.supported_cpuid).unwrap();
+    let msrs = saveable_msrs(&a.vm.kvm, &a.vcpu).unwrap();
+    let cpuid = a.vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let mut state = VcpuState::save(&a.vcpu, &cpuid, &msrs).unwrap();
+    state.msrs.push((0x4b56_4dff, 1));
+    let b = new_guest();
+    match state.restore(&b.vcpu) {
+        Err(Error::Msr { index }) => assert_eq!(index, 0x4b56_4dff),
+        other => panic!("expected an MSR error, got {other:?}"),
+    }
+}
