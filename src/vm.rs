@@ -8,8 +8,8 @@ use kvm_bindings::{
     CpuId, KVM_API_VERSION, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
-use serde::{Deserialize, Serialize};
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
@@ -171,7 +171,8 @@ fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, Error> {
         chip_id,
         ..Default::default()
     };
-    fd.get_irqchip(&mut chip).map_err(|e| Error::State("KVM_GET_IRQCHIP", e))?;
+    fd.get_irqchip(&mut chip)
+        .map_err(|e| Error::State("KVM_GET_IRQCHIP", e))?;
     Ok(chip)
 }
 
@@ -183,7 +184,9 @@ impl VmState {
             pic_slave: irqchip(fd, KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: irqchip(fd, KVM_IRQCHIP_IOAPIC)?,
             pit: fd.get_pit2().map_err(|e| Error::State("KVM_GET_PIT2", e))?,
-            clock: fd.get_clock().map_err(|e| Error::State("KVM_GET_CLOCK", e))?,
+            clock: fd
+                .get_clock()
+                .map_err(|e| Error::State("KVM_GET_CLOCK", e))?,
         })
     }
 

@@ -11,8 +11,8 @@
 //! select modes, the LAPIC before the MP state and events.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, CpuId, Msrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, CpuId, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -134,7 +134,9 @@ impl VcpuState {
                 })
                 .collect();
             let mut wanted = Msrs::from_entries(&entries).map_err(|_| Error::TooMany("MSRs"))?;
-            let read = vcpu.get_msrs(&mut wanted).map_err(kvm_err("KVM_GET_MSRS"))?;
+            let read = vcpu
+                .get_msrs(&mut wanted)
+                .map_err(kvm_err("KVM_GET_MSRS"))?;
             if read != chunk.len() {
                 // KVM stops at the first MSR it cannot read.
                 let index = chunk.get(read).copied().unwrap_or(0);
@@ -149,17 +151,22 @@ impl VcpuState {
             sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
             fpu: Fpu::from(&vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?),
             xcrs: vcpu.get_xcrs().ok(),
-            debugregs: vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
+            debugregs: vcpu
+                .get_debug_regs()
+                .map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
             lapic: vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
             mp_state: vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
-            events: vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            events: vcpu
+                .get_vcpu_events()
+                .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
             tsc_khz: vcpu.get_tsc_khz().ok(),
         })
     }
 
     /// Sets the state into a new vCPU (created, never run).
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), Error> {
-        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| Error::TooMany("CPUID entries"))?;
+        let cpuid =
+            CpuId::from_entries(&self.cpuid).map_err(|_| Error::TooMany("CPUID entries"))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         if let Some(khz) = self.tsc_khz {
             // Same host, same frequency: only a scaling host needs it.
@@ -183,7 +190,8 @@ impl VcpuState {
                 return Err(Error::Msr { index });
             }
         }
-        vcpu.set_sregs(&self.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_fpu(&kvm_fpu::from(&self.fpu))
             .map_err(kvm_err("KVM_SET_FPU"))?;
@@ -192,7 +200,8 @@ impl VcpuState {
         }
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-        vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        vcpu.set_lapic(&self.lapic)
+            .map_err(kvm_err("KVM_SET_LAPIC"))?;
         vcpu.set_mp_state(self.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
         vcpu.set_vcpu_events(&self.events)

@@ -4,6 +4,7 @@
 use super::*;
 use crate::vm::{open_kvm, Vm, VmState};
 use kvm_ioctls::VcpuExit;
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Real-mode loop at 0x1000: `inc ax; out 0x80, al; jmp back`.
@@ -16,13 +17,44 @@ struct Guest {
     vcpu: VcpuFd,
 }
 
-fn new_guest() -> Guest {
+fn new_vm() -> (Vm, GuestMemoryMmap) {
     let kvm = open_kvm().expect("these tests need /dev/kvm");
-    let vm = Vm::new(kvm, 1).unwrap();
+    let vm = Vm::new(kvm, 3).unwrap();
     let mem = crate::memory::create(16).unwrap();
     vm.register_memory(&mem, false).unwrap();
+    mem.write_slice(&CODE, GuestAddress(ENTRY)).unwrap();
+    (vm, mem)
+}
+
+fn new_guest() -> Guest {
+    let (vm, mem) = new_vm();
     let vcpu = vm.fd.create_vcpu(0).unwrap();
     Guest { vm, mem, vcpu }
+}
+
+/// A vCPU thread (the BSP, id 0) running CODE in 32-bit protected mode,
+/// and the MSRs to save.
+fn vcpu_thread(vm: &Vm) -> (crate::vcpu::VcpuHandle, Arc<[u32]>) {
+    use crate::arch::x86_64::cpuid::Topology;
+    use crate::arch::x86_64::regs::EntryMode;
+    use crate::devices::bus::Bus;
+    use crate::vmm::exit::ExitSignal;
+    let setup = crate::vcpu::VcpuSetup {
+        vm: &vm.fd,
+        supported_cpuid: &vm.supported_cpuid,
+        topology: Topology::new(1, false),
+        entry: ENTRY,
+        mode: EntryMode::Pvh,
+        io_bus: Arc::new(Bus::new()),
+        mmio_bus: Arc::new(Bus::new()),
+        exit: Arc::new(ExitSignal::new().unwrap()),
+    };
+    let handle = crate::vcpu::Vcpu::new(0, &setup).unwrap().start().unwrap();
+    // An AP that never runs, to ask KVM which MSRs it can read.
+    let probe = vm.fd.create_vcpu(2).unwrap();
+    probe.set_cpuid2(&vm.supported_cpuid).unwrap();
+    let msrs = saveable_msrs(&vm.kvm, &probe).unwrap().into();
+    (handle, msrs)
 }
 
 /// Runs until the next `out 0x80` and returns AL.
@@ -39,7 +71,6 @@ fn next_out(vcpu: &mut VcpuFd) -> u8 {
 #[test]
 fn a_restored_guest_goes_on_where_it_was() {
     let mut a = new_guest();
-    a.mem.write_slice(&CODE, GuestAddress(ENTRY)).unwrap();
     a.vcpu.set_cpuid2(&a.vm.supported_cpuid).unwrap();
     let mut sregs = a.vcpu.get_sregs().unwrap();
     sregs.cs.base = 0;
@@ -55,12 +86,16 @@ fn a_restored_guest_goes_on_where_it_was() {
     }
     let msrs = saveable_msrs(&a.vm.kvm, &a.vcpu).unwrap();
     assert!(!msrs.is_empty());
-    let cpuid = a.vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let cpuid = a
+        .vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
     let state = VcpuState::save(&a.vcpu, &cpuid, &msrs).unwrap();
     let vm_state = VmState::save(&a.vm.fd).unwrap();
     // Through the serialized form, as a snapshot file holds it.
     let state: VcpuState = serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
-    let vm_state: VmState = serde_json::from_slice(&serde_json::to_vec(&vm_state).unwrap()).unwrap();
+    let vm_state: VmState =
+        serde_json::from_slice(&serde_json::to_vec(&vm_state).unwrap()).unwrap();
 
     let mut b = new_guest();
     let mut page = vec![0u8; 0x2000];
@@ -83,7 +118,10 @@ fn an_unknown_msr_is_refused() {
     let a = new_guest();
     a.vcpu.set_cpuid2(&a.vm.supported_cpuid).unwrap();
     let msrs = saveable_msrs(&a.vm.kvm, &a.vcpu).unwrap();
-    let cpuid = a.vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let cpuid = a
+        .vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
     let mut state = VcpuState::save(&a.vcpu, &cpuid, &msrs).unwrap();
     state.msrs.push((0x4b56_4dff, 1));
     let b = new_guest();
@@ -91,4 +129,43 @@ fn an_unknown_msr_is_refused() {
         Err(Error::Msr { index }) => assert_eq!(index, 0x4b56_4dff),
         other => panic!("expected an MSR error, got {other:?}"),
     }
+}
+
+/// A vCPU thread pauses (out of KVM_RUN: its state stands still), gives its
+/// state, resumes (the guest goes on), and still stops when asked.
+#[test]
+fn a_vcpu_thread_pauses_saves_and_resumes() {
+    let (vm, _mem) = new_vm();
+    let (handle, msrs) = vcpu_thread(&vm);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    handle.pause().unwrap();
+    let first = handle.save_state(msrs.clone()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let again = handle.save_state(msrs.clone()).unwrap();
+    assert!(first.regs.rax > 0, "the guest never ran");
+    assert_eq!(first.regs.rax, again.regs.rax, "a paused vCPU ran");
+    assert_eq!(first.regs.rip, again.regs.rip);
+    handle.resume().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    handle.pause().unwrap();
+    let later = handle.save_state(msrs).unwrap();
+    assert!(
+        later.regs.rax > first.regs.rax,
+        "the resumed guest did not go on"
+    );
+    handle.resume().unwrap();
+    handle.kick();
+    assert!(handle.join());
+}
+
+/// A paused vCPU still stops when kiln ends.
+#[test]
+fn a_paused_vcpu_stops() {
+    let (vm, _mem) = new_vm();
+    let (handle, _) = vcpu_thread(&vm);
+    handle.pause().unwrap();
+    let start = std::time::Instant::now();
+    handle.kick();
+    assert!(handle.join());
+    assert!(start.elapsed() < std::time::Duration::from_secs(1));
 }
