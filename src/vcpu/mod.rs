@@ -7,6 +7,8 @@
 
 pub mod emulation;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod test_guest;
 
 use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicBool, Ordering};

@@ -2,35 +2,10 @@
 //! copy of its memory, and check the guest goes on where it was.
 
 use super::*;
-use crate::vm::{open_kvm, Vm, VmState};
-use kvm_ioctls::VcpuExit;
+use crate::vcpu::test_guest::{new_guest, new_vm, next_out, ENTRY};
+use crate::vm::{Vm, VmState};
 use std::sync::Arc;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-/// Real-mode loop at 0x1000: `inc ax; out 0x80, al; jmp back`.
-const CODE: [u8; 5] = [0x40, 0xe6, 0x80, 0xeb, 0xfb];
-const ENTRY: u64 = 0x1000;
-
-struct Guest {
-    vm: Vm,
-    mem: GuestMemoryMmap,
-    vcpu: VcpuFd,
-}
-
-fn new_vm() -> (Vm, GuestMemoryMmap) {
-    let kvm = open_kvm().expect("these tests need /dev/kvm");
-    let vm = Vm::new(kvm, 3).unwrap();
-    let mem = crate::memory::create(16).unwrap();
-    vm.register_memory(&mem, false).unwrap();
-    mem.write_slice(&CODE, GuestAddress(ENTRY)).unwrap();
-    (vm, mem)
-}
-
-fn new_guest() -> Guest {
-    let (vm, mem) = new_vm();
-    let vcpu = vm.fd.create_vcpu(0).unwrap();
-    Guest { vm, mem, vcpu }
-}
+use vm_memory::{Bytes, GuestAddress};
 
 /// A vCPU thread (the BSP, id 0) running CODE in 32-bit protected mode,
 /// and the MSRs to save.
@@ -55,17 +30,6 @@ fn vcpu_thread(vm: &Vm) -> (crate::vcpu::VcpuHandle, Arc<[u32]>) {
     probe.set_cpuid2(&vm.supported_cpuid).unwrap();
     let msrs = saveable_msrs(&vm.kvm, &probe).unwrap().into();
     (handle, msrs)
-}
-
-/// Runs until the next `out 0x80` and returns AL.
-fn next_out(vcpu: &mut VcpuFd) -> u8 {
-    loop {
-        match vcpu.run().unwrap() {
-            VcpuExit::IoOut(0x80, data) => return data[0],
-            VcpuExit::Intr => {}
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
 }
 
 #[test]
