@@ -11,6 +11,7 @@ use kiln::cli::{Cli, Command};
 use kiln::config::VmConfig;
 use kiln::devices::legacy::output_fd::OutputFd;
 use kiln::error_chain;
+use kiln::snapshot;
 use kiln::terminal::RawMode;
 use kiln::vmm::{ConsoleIo, ConsoleOutput, Vmm};
 
@@ -49,6 +50,9 @@ fn main() -> ExitCode {
 }
 
 /// `kiln --config-file vm.json`.
+/// The files in a `--snapshot-dir`: vm.state and vm.mem.
+const SNAPSHOT_NAME: &str = "vm";
+
 fn boot_config(cli: &Cli) -> ExitCode {
     let Some(config_file) = cli.config_file.as_deref() else {
         return fail("--config-file is required");
@@ -80,7 +84,16 @@ fn boot_config(cli: &Cli) -> ExitCode {
         Err(e) => return fail(&format!("cannot put the terminal in raw mode: {e}")),
     };
     let console = ConsoleIo { output, input };
-    let result = Vmm::build(&config, console).and_then(Vmm::run);
+    let build = match &cli.restore_from {
+        Some(dir) => Vmm::restore(&config, console, &snapshot::Paths::new(dir, SNAPSHOT_NAME)),
+        None => Vmm::build(&config, console),
+    };
+    let result = build
+        .and_then(|vmm| match &cli.snapshot_dir {
+            Some(dir) => vmm.with_snapshot_to(&config, snapshot::Paths::new(dir, SNAPSHOT_NAME)),
+            None => Ok(vmm),
+        })
+        .and_then(Vmm::run);
     drop(raw_mode);
     match result {
         Ok(outcome) => {

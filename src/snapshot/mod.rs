@@ -81,6 +81,7 @@ pub struct MachineState {
     pub mem_size_mib: usize,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
+    pub serial: crate::devices::legacy::serial::SerialSnapshot,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

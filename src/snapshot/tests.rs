@@ -2,7 +2,7 @@
 //! was; damaged, foreign and truncated snapshots are refused.
 
 use super::*;
-use crate::vcpu::state::saveable_msrs;
+use crate::vcpu::state::msr_index_list;
 use crate::vcpu::test_guest::{new_guest, next_out, Guest, ENTRY};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use std::os::unix::fs::PermissionsExt;
@@ -34,12 +34,13 @@ fn snapshot_of_a_guest(dir: &Path) -> (Paths, Guest) {
     for i in 1..=10 {
         assert_eq!(next_out(&mut g.vcpu), i);
     }
-    let msrs = saveable_msrs(&g.vm.kvm, &g.vcpu).unwrap();
+    let msrs = msr_index_list(&g.vm.kvm).unwrap();
     let cpuid = g.vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
     let state = MachineState {
         mem_size_mib: 16,
         vm: VmState::save(&g.vm.fd).unwrap(),
         vcpus: vec![VcpuState::save(&g.vcpu, &cpuid, &msrs).unwrap()],
+        serial: Default::default(),
     };
     let paths = Paths::new(dir, "s");
     write(&paths, &state, &g.mem, &g.vm.supported_cpuid).unwrap();

@@ -181,6 +181,15 @@ impl Vcpu {
         })
     }
 
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Sets a snapshot's state into this vCPU (before it runs).
+    pub fn restore_state(&self, s: &state::VcpuState) -> Result<(), state::Error> {
+        s.restore(&self.fd)
+    }
+
     /// Starts the vCPU's thread.
     pub fn start(mut self) -> Result<VcpuHandle, Error> {
         register_kick_handler()?;
@@ -454,7 +463,7 @@ impl VcpuHandle {
     }
 
     /// The state of a paused vCPU, with the MSRs in `msrs`
-    /// ([`state::saveable_msrs`]).
+    /// ([`state::msr_index_list`]).
     pub fn save_state(&self, msrs: Arc<[u32]>) -> Result<state::VcpuState, Error> {
         match self.ask(Request::Save(msrs), "save state")? {
             Reply::State(s) => (*s).map_err(|e| Error::Save(self.id, e)),

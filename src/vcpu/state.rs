@@ -96,26 +96,14 @@ impl From<&Fpu> for kvm_fpu {
     }
 }
 
-/// The MSRs KVM can save for a guest: its list, less those it then refuses
-/// to read on this host (some listed MSRs exist only with some CPU features).
-pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, Error> {
-    let listed = kvm
+/// The MSRs KVM lists as saveable on this host ([`VcpuState::save`] skips
+/// those it then cannot read: some exist only with some CPU features).
+pub fn msr_index_list(kvm: &Kvm) -> Result<Vec<u32>, Error> {
+    Ok(kvm
         .get_msr_index_list()
         .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
         .as_slice()
-        .to_vec();
-    let mut ok = Vec::with_capacity(listed.len());
-    for index in listed {
-        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .map_err(|_| Error::TooMany("MSRs"))?;
-        if vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))? == 1 {
-            ok.push(index);
-        }
-    }
-    Ok(ok)
+        .to_vec())
 }
 
 /// KVM_GET_MSRS reads at most this many per call.
@@ -125,7 +113,9 @@ impl VcpuState {
     /// Reads the state of a vCPU that is out of KVM_RUN (paused).
     pub fn save(vcpu: &VcpuFd, cpuid: &CpuId, msr_indices: &[u32]) -> Result<Self, Error> {
         let mut msrs = Vec::with_capacity(msr_indices.len());
-        for chunk in msr_indices.chunks(MSR_CHUNK) {
+        let mut rest: &[u32] = msr_indices;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(MSR_CHUNK)];
             let entries: Vec<kvm_msr_entry> = chunk
                 .iter()
                 .map(|&index| kvm_msr_entry {
@@ -137,12 +127,14 @@ impl VcpuState {
             let read = vcpu
                 .get_msrs(&mut wanted)
                 .map_err(kvm_err("KVM_GET_MSRS"))?;
-            if read != chunk.len() {
-                // KVM stops at the first MSR it cannot read.
-                let index = chunk.get(read).copied().unwrap_or(0);
-                return Err(Error::Msr { index });
-            }
-            msrs.extend(wanted.as_slice().iter().map(|e| (e.index, e.data)));
+            msrs.extend(
+                wanted.as_slice()[..read.min(chunk.len())]
+                    .iter()
+                    .map(|e| (e.index, e.data)),
+            );
+            // KVM stops at the first MSR it cannot read: skip that one.
+            let done = if read < chunk.len() { read + 1 } else { read };
+            rest = &rest[done.min(rest.len())..];
         }
         Ok(VcpuState {
             cpuid: cpuid.as_slice().to_vec(),
