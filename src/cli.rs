@@ -37,6 +37,19 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "LEVEL", global = true)]
     pub log_level: Option<Level>,
 
+    /// On SIGUSR1, pause the VM, write a snapshot (DIR/vm.state, the
+    /// machine's state, and DIR/vm.mem, guest memory) and resume it.
+    /// Example: --snapshot-dir snap/ (then `kill -USR1 <kiln's pid>`)
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+
+    /// Start the VM from the snapshot in DIR instead of booting its kernel;
+    /// --config-file must describe the same machine (vCPUs, memory).
+    /// Guest memory is mapped copy-on-write from DIR/vm.mem, which must stay
+    /// in place while the VM runs. Example: --restore-from snap/
+    #[arg(long, value_name = "DIR")]
+    pub restore_from: Option<PathBuf>,
+
     /// Accepted for compatibility with `firecracker --no-api`; kiln has no
     /// API socket.
     #[arg(long, hide = true)]

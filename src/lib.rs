@@ -17,6 +17,7 @@ pub mod memory;
 pub mod protocol;
 pub mod quirks;
 pub mod run;
+pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

@@ -11,6 +11,7 @@ use kiln::cli::{Cli, Command};
 use kiln::config::VmConfig;
 use kiln::devices::legacy::output_fd::OutputFd;
 use kiln::error_chain;
+use kiln::snapshot;
 use kiln::terminal::RawMode;
 use kiln::vmm::{ConsoleIo, ConsoleOutput, Vmm};
 
@@ -49,6 +50,9 @@ fn main() -> ExitCode {
 }
 
 /// `kiln --config-file vm.json`.
+/// The files in a `--snapshot-dir`: vm.state and vm.mem.
+const SNAPSHOT_NAME: &str = "vm";
+
 fn boot_config(cli: &Cli) -> ExitCode {
     let Some(config_file) = cli.config_file.as_deref() else {
         return fail("--config-file is required");
@@ -76,7 +80,15 @@ fn boot_config(cli: &Cli) -> ExitCode {
     let stdin = std::io::stdin();
     let input = stdin.as_fd().try_clone_to_owned().ok().map(File::from);
     let console = ConsoleIo { output, input };
-    let vmm = match Vmm::build(&config, console) {
+    let build = match &cli.restore_from {
+        Some(dir) => Vmm::restore(&config, console, &snapshot::Paths::new(dir, SNAPSHOT_NAME)),
+        None => Vmm::build(&config, console),
+    };
+    let build = build.and_then(|vmm| match &cli.snapshot_dir {
+        Some(dir) => vmm.with_snapshot_to(&config, snapshot::Paths::new(dir, SNAPSHOT_NAME)),
+        None => Ok(vmm),
+    });
+    let vmm = match build {
         Ok(vmm) => vmm,
         Err(e) => return fail(&error_chain(&e)),
     };

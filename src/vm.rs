@@ -4,10 +4,12 @@
 use std::path::Path;
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_API_VERSION, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
@@ -55,6 +57,8 @@ pub enum Error {
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error("KVM allows {max} vCPUs on this host, the config asks for {wanted}")]
     TooManyVcpus { wanted: u8, max: usize },
+    #[error("{0} failed")]
+    State(&'static str, #[source] kvm_ioctls::Error),
     #[error("KVM_SET_USER_MEMORY_REGION failed for slot {slot} at {addr:#x}")]
     SetMemory {
         slot: u32,
@@ -146,6 +150,57 @@ impl Vm {
                 addr,
                 source,
             })?;
+        }
+        Ok(())
+    }
+}
+
+/// The VM-wide state KVM holds beside the vCPUs: the interrupt
+/// controllers, the PIT and the kvm-clock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+fn irqchip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, Error> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    fd.get_irqchip(&mut chip)
+        .map_err(|e| Error::State("KVM_GET_IRQCHIP", e))?;
+    Ok(chip)
+}
+
+impl VmState {
+    /// Reads the state of a VM whose vCPUs are paused.
+    pub fn save(fd: &VmFd) -> Result<Self, Error> {
+        Ok(VmState {
+            pic_master: irqchip(fd, KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: irqchip(fd, KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: irqchip(fd, KVM_IRQCHIP_IOAPIC)?,
+            pit: fd.get_pit2().map_err(|e| Error::State("KVM_GET_PIT2", e))?,
+            clock: fd
+                .get_clock()
+                .map_err(|e| Error::State("KVM_GET_CLOCK", e))?,
+        })
+    }
+
+    /// Sets it into a new VM (irqchip and PIT created, no vCPU run yet).
+    pub fn restore(&self, fd: &VmFd) -> Result<(), Error> {
+        let set = |what, r: Result<(), kvm_ioctls::Error>| r.map_err(|e| Error::State(what, e));
+        set("KVM_SET_PIT2", fd.set_pit2(&self.pit))?;
+        let mut clock = self.clock;
+        // KVM refuses flags it did not expect on input; the clock value is
+        // what matters.
+        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        set("KVM_SET_CLOCK", fd.set_clock(&clock))?;
+        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
+            set("KVM_SET_IRQCHIP", fd.set_irqchip(chip))?;
         }
         Ok(())
     }

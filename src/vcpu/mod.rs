@@ -6,11 +6,16 @@
 //! vCPU's own thread) so KVM_RUN returns at once wherever the thread is.
 
 pub mod emulation;
+pub mod state;
+#[cfg(test)]
+pub(crate) mod test_guest;
 
 use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{kvm_run, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -44,6 +49,28 @@ pub enum Error {
     Signal(#[source] vmm_sys_util::errno::Error),
     #[error("cannot start the thread of vCPU {0}")]
     Spawn(u8, #[source] std::io::Error),
+    #[error("vCPU {0} did not answer {1} within {PAUSE_TIMEOUT:?}")]
+    NoAnswer(u8, &'static str),
+    #[error("cannot save the state of vCPU {0}")]
+    Save(u8, #[source] state::Error),
+}
+
+/// How long a vCPU has to answer a request (it is kicked out of KVM_RUN
+/// first, so this is only ever reached by a stuck thread).
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the VMM asks of a vCPU thread. A paused vCPU is out of KVM_RUN and
+/// waits for the next request; each request is answered.
+enum Request {
+    Pause,
+    Save(Arc<[u32]>),
+    Resume,
+}
+
+enum Reply {
+    Paused,
+    State(Box<Result<state::VcpuState, state::Error>>),
+    Resumed,
 }
 
 /// The signal that kicks a vCPU out of KVM_RUN.
@@ -98,6 +125,9 @@ pub struct Vcpu {
     mmio_bus: Arc<Bus>,
     exit: Arc<ExitSignal>,
     stop: Arc<AtomicBool>,
+    /// The CPUID the vCPU was given (saved with its state).
+    cpuid: CpuId,
+    requests: Option<(Receiver<Request>, Sender<Reply>)>,
 }
 
 /// Creates the KVM vCPU `id` with its CPUID, MSRs, registers, FPU and LAPIC
@@ -137,6 +167,8 @@ impl Vcpu {
     /// for the kernel entry.
     pub fn new(id: u8, s: &VcpuSetup) -> Result<Self, Error> {
         let fd = create_fd(s.vm, s.supported_cpuid, s.topology, s.mode, s.entry, id)?;
+        let mut cpuid = s.supported_cpuid.clone();
+        cpuid::normalize(&mut cpuid, id, s.topology);
         Ok(Vcpu {
             id,
             fd,
@@ -144,25 +176,55 @@ impl Vcpu {
             mmio_bus: s.mmio_bus.clone(),
             exit: s.exit.clone(),
             stop: Arc::new(AtomicBool::new(false)),
+            cpuid,
+            requests: None,
         })
     }
 
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Sets a snapshot's state into this vCPU (before it runs).
+    pub fn restore_state(&self, s: &state::VcpuState) -> Result<(), state::Error> {
+        s.restore(&self.fd)
+    }
+
     /// Starts the vCPU's thread.
-    pub fn start(self) -> Result<VcpuHandle, Error> {
+    pub fn start(mut self) -> Result<VcpuHandle, Error> {
         register_kick_handler()?;
         let id = self.id;
         let stop = self.stop.clone();
+        let (request_tx, request_rx) = mpsc::channel();
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.requests = Some((request_rx, reply_tx));
         let thread = std::thread::Builder::new()
             .name(format!("kiln-vcpu{id}"))
             .spawn(move || self.run_loop())
             .map_err(|e| Error::Spawn(id, e))?;
-        Ok(VcpuHandle { id, thread, stop })
+        Ok(VcpuHandle {
+            id,
+            thread,
+            stop,
+            requests: request_tx,
+            replies: reply_rx,
+        })
     }
 
     fn run_loop(mut self) {
         let _panic_guard = PanicReporter(self.exit.clone(), self.id);
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run()));
         while !self.stop.load(Ordering::Acquire) {
+            let request = self
+                .requests
+                .as_ref()
+                .and_then(|(rx, _)| rx.try_recv().ok());
+            if let Some(request) = request {
+                if !self.serve_requests(request) {
+                    break;
+                }
+                continue;
+            }
             match self.run_once() {
                 Next::Continue => {}
                 Next::InternalError => {
@@ -179,6 +241,40 @@ impl Vcpu {
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         log::debug!("vCPU {} stopped", self.id);
+    }
+
+    /// Serves requests out of KVM_RUN until Resume (true) or a stop
+    /// (false).
+    fn serve_requests(&mut self, first: Request) -> bool {
+        let mut request = first;
+        loop {
+            let reply = match request {
+                Request::Pause => Reply::Paused,
+                Request::Save(msrs) => Reply::State(Box::new(state::VcpuState::save(
+                    &self.fd,
+                    &self.cpuid,
+                    &msrs,
+                ))),
+                Request::Resume => Reply::Resumed,
+            };
+            let resumed = matches!(reply, Reply::Resumed);
+            let Some((rx, tx)) = self.requests.as_ref() else {
+                return true;
+            };
+            if tx.send(reply).is_err() {
+                return false;
+            }
+            if resumed {
+                return true;
+            }
+            request = loop {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(r) => break r,
+                    Err(RecvTimeoutError::Timeout) if !self.stop.load(Ordering::Acquire) => {}
+                    Err(_) => return false,
+                }
+            };
+        }
     }
 
     /// One KVM_RUN and the handling of its exit.
@@ -337,9 +433,52 @@ pub struct VcpuHandle {
     id: u8,
     thread: JoinHandle<()>,
     stop: Arc<AtomicBool>,
+    requests: Sender<Request>,
+    replies: Receiver<Reply>,
 }
 
 impl VcpuHandle {
+    fn ask(&self, request: Request, what: &'static str) -> Result<Reply, Error> {
+        let kick = matches!(request, Request::Pause);
+        self.requests
+            .send(request)
+            .map_err(|_| Error::NoAnswer(self.id, what))?;
+        if kick && !self.thread.is_finished() {
+            // Out of KVM_RUN, to the request.
+            if let Err(e) = self.thread.kill(kick_signal()) {
+                log::debug!("kicking vCPU {}: {e}", self.id);
+            }
+        }
+        self.replies
+            .recv_timeout(PAUSE_TIMEOUT)
+            .map_err(|_| Error::NoAnswer(self.id, what))
+    }
+
+    /// Takes the vCPU out of KVM_RUN and keeps it out until [`Self::resume`].
+    pub fn pause(&self) -> Result<(), Error> {
+        match self.ask(Request::Pause, "pause")? {
+            Reply::Paused => Ok(()),
+            _ => Err(Error::NoAnswer(self.id, "pause")),
+        }
+    }
+
+    /// The state of a paused vCPU, with the MSRs in `msrs`
+    /// ([`state::msr_index_list`]).
+    pub fn save_state(&self, msrs: Arc<[u32]>) -> Result<state::VcpuState, Error> {
+        match self.ask(Request::Save(msrs), "save state")? {
+            Reply::State(s) => (*s).map_err(|e| Error::Save(self.id, e)),
+            _ => Err(Error::NoAnswer(self.id, "save state")),
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) -> Result<(), Error> {
+        match self.ask(Request::Resume, "resume")? {
+            Reply::Resumed => Ok(()),
+            _ => Err(Error::NoAnswer(self.id, "resume")),
+        }
+    }
+
     /// Asks the vCPU to stop and kicks it out of KVM_RUN.
     pub fn kick(&self) {
         self.stop.store(true, Ordering::Release);

@@ -8,6 +8,7 @@
 
 pub mod exit;
 mod signals;
+mod snapshot;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -26,7 +27,7 @@ use crate::config::{BlockDeviceConfig, CacheType, VmConfig};
 use crate::devices::bus::{self, Bus};
 use crate::devices::legacy::console::{self, ConsoleBuffer, ConsoleDrainer};
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{SerialDevice, SerialInput};
+use crate::devices::legacy::serial::{SerialDevice, SerialInput, SerialSnapshot};
 use crate::devices::virtio::block::{self, Block};
 use crate::devices::virtio::fs::{self, guard::FdBudget, Fs, FsOptions};
 use crate::devices::virtio::rng::Rng;
@@ -46,11 +47,19 @@ pub const DEFAULT_BOOT_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp";
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// The console drainer (flushed at exit) and the UART (saved in snapshots).
+type LegacyDevices = (Arc<Mutex<ConsoleDrainer>>, Arc<Mutex<SerialDevice>>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Vm(#[from] vm::Error),
+    #[error("the snapshot")]
+    Snapshot(#[source] crate::snapshot::Error),
+    #[error("{0}")]
+    SnapshotUnsupported(String),
+    #[error("the state of vCPU {0}")]
+    VcpuState(u8, #[source] vcpu::state::Error),
     #[error(transparent)]
     Memory(#[from] memory::Error),
     #[error(transparent)]
@@ -246,6 +255,10 @@ pub struct Vmm {
     stop_signals: bool,
     devices: Vec<AttachedDevice>,
     console: Arc<Mutex<ConsoleDrainer>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    mem_size_mib: usize,
+    /// Where SIGUSR1 writes a snapshot, if anywhere.
+    snapshot_to: Option<crate::snapshot::Paths>,
 }
 
 /// How a run ended, with what the caller may want to check.
@@ -260,10 +273,39 @@ pub struct RunOutcome {
 
 impl Vmm {
     pub fn build(config: &VmConfig, console: ConsoleIo) -> Result<Vmm, Error> {
+        Self::build_with(config, console, None)
+    }
+
+    /// Builds the VM `config` describes from the snapshot in `paths`
+    /// instead of booting its kernel: guest memory mapped from the
+    /// snapshot, vCPU, VM and device state restored.
+    pub fn restore(
+        config: &VmConfig,
+        console: ConsoleIo,
+        paths: &crate::snapshot::Paths,
+    ) -> Result<Vmm, Error> {
+        snapshot::check_config(config)?;
+        let kvm = vm::open_kvm()?;
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(vm::Error::SupportedCpuid)?;
+        let (state, mem) = crate::snapshot::read(paths, &supported).map_err(Error::Snapshot)?;
+        snapshot::check_state(config, &state)?;
+        Self::build_with(config, console, Some((state, mem)))
+    }
+
+    fn build_with(
+        config: &VmConfig,
+        console: ConsoleIo,
+        restore: Option<(crate::snapshot::MachineState, GuestMemoryMmap)>,
+    ) -> Result<Vmm, Error> {
         let mc = &config.machine_config;
         let kvm = vm::open_kvm()?;
         let vm = vm::Vm::new(kvm, mc.vcpu_count)?;
-        let mem = memory::create(mc.mem_size_mib)?;
+        let (restore, mem) = match restore {
+            Some((state, mem)) => (Some(state), mem),
+            None => (None, memory::create(mc.mem_size_mib)?),
+        };
         vm.register_memory(&mem, mc.track_dirty_pages)?;
         let mem_size = (mc.mem_size_mib as u64) << 20;
 
@@ -275,8 +317,14 @@ impl Vmm {
 
         let mut io_bus = Bus::new();
         let mut mmio_bus = Bus::new();
-        let console =
-            Self::attach_legacy_devices(&vm, &mut io_bus, &mut event_manager, &exit, console)?;
+        let (console, serial) = Self::attach_legacy_devices(
+            &vm,
+            &mut io_bus,
+            &mut event_manager,
+            &exit,
+            console,
+            restore.as_ref().map(|s| &s.serial),
+        )?;
 
         let mut cmdline = config
             .boot_source
@@ -351,38 +399,22 @@ impl Vmm {
             cmdline.push_str(&extra);
         }
 
-        let kernel = loader::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
-        let initrd = match &config.boot_source.initrd_path {
-            Some(path) => Some(loader::load_initrd(&mem, mem_size, path, &kernel)?),
-            None => None,
+        // A restored guest is past its boot: its memory and registers are
+        // the snapshot's.
+        let (entry, mode) = match &restore {
+            Some(_) => (0, EntryMode::Linux64),
+            None => {
+                let kernel = Self::load_guest(config, &mem, mem_size, &cmdline)?;
+                (kernel.entry, kernel.mode)
+            }
         };
-        let cmdline_size = loader::load_command_line(&mem, &cmdline)?;
-        let info = BootInfo {
-            mem_size,
-            cmdline_size,
-            initrd,
-        };
-        match kernel.mode {
-            EntryMode::Linux64 => boot::write_zero_page(&mem, &info, kernel.setup_header)?,
-            EntryMode::Pvh => boot::write_pvh_start_info(&mem, &info)?,
-        }
-        regs::write_boot_tables(&mem, kernel.mode)?;
-        mptable::write(&mem, mc.vcpu_count)?;
-        log::info!(
-            "kernel {} entered at {:#x} ({:?}), {} vCPUs, {} MiB; command line: {cmdline}",
-            config.boot_source.kernel_image_path.display(),
-            kernel.entry,
-            kernel.mode,
-            mc.vcpu_count,
-            mc.mem_size_mib
-        );
 
         let setup = VcpuSetup {
             vm: &vm.fd,
             supported_cpuid: &vm.supported_cpuid,
             topology: Topology::new(mc.vcpu_count, mc.smt),
-            entry: kernel.entry,
-            mode: kernel.mode,
+            entry,
+            mode,
             io_bus: Arc::new(io_bus),
             mmio_bus: Arc::new(mmio_bus),
             exit: exit.clone(),
@@ -390,6 +422,9 @@ impl Vmm {
         let vcpus = (0..mc.vcpu_count)
             .map(|id| Vcpu::new(id, &setup))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(state) = &restore {
+            snapshot::restore_machine(&vm, &vcpus, state)?;
+        }
 
         Ok(Vmm {
             vm,
@@ -400,7 +435,47 @@ impl Vmm {
             stop_signals: true,
             devices,
             console,
+            serial,
+            mem_size_mib: mc.mem_size_mib,
+            snapshot_to: None,
         })
+    }
+
+    /// Loads the kernel, initrd and command line and writes the boot
+    /// tables; returns the kernel's entry.
+    fn load_guest(
+        config: &VmConfig,
+        mem: &GuestMemoryMmap,
+        mem_size: u64,
+        cmdline: &str,
+    ) -> Result<loader::LoadedKernel, Error> {
+        let mc = &config.machine_config;
+        let kernel = loader::load_kernel(mem, &config.boot_source.kernel_image_path)?;
+        let initrd = match &config.boot_source.initrd_path {
+            Some(path) => Some(loader::load_initrd(mem, mem_size, path, &kernel)?),
+            None => None,
+        };
+        let cmdline_size = loader::load_command_line(mem, cmdline)?;
+        let info = BootInfo {
+            mem_size,
+            cmdline_size,
+            initrd,
+        };
+        match kernel.mode {
+            EntryMode::Linux64 => boot::write_zero_page(mem, &info, kernel.setup_header)?,
+            EntryMode::Pvh => boot::write_pvh_start_info(mem, &info)?,
+        }
+        regs::write_boot_tables(mem, kernel.mode)?;
+        mptable::write(mem, mc.vcpu_count)?;
+        log::info!(
+            "kernel {} entered at {:#x} ({:?}), {} vCPUs, {} MiB; command line: {cmdline}",
+            config.boot_source.kernel_image_path.display(),
+            kernel.entry,
+            kernel.mode,
+            mc.vcpu_count,
+            mc.mem_size_mib
+        );
+        Ok(kernel)
     }
 
     /// The virtio devices attached, in the order the guest sees them.
@@ -417,7 +492,8 @@ impl Vmm {
         event_manager: &mut EventManager<Subscriber>,
         exit: &Arc<ExitSignal>,
         console: ConsoleIo,
-    ) -> Result<Arc<Mutex<ConsoleDrainer>>, Error> {
+        serial_state: Option<&SerialSnapshot>,
+    ) -> Result<LegacyDevices, Error> {
         let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial interrupt"))?;
         vm.fd
             .register_irqfd(&irq, SERIAL_IRQ)
@@ -433,7 +509,8 @@ impl Vmm {
         let drainer = Arc::new(Mutex::new(drainer));
         event_manager.add_subscriber(drainer.clone());
         let serial = Arc::new(Mutex::new(
-            SerialDevice::new(irq, Box::new(buffer)).map_err(io_err("the serial console"))?,
+            SerialDevice::new(irq, Box::new(buffer), serial_state)
+                .map_err(io_err("the serial console"))?,
         ));
         io_bus
             .insert(serial.clone(), SERIAL_PORT, SERIAL_PORT_LEN)
@@ -441,6 +518,7 @@ impl Vmm {
                 name: "serial",
                 source,
             })?;
+        let serial_dev = serial.clone();
         if let Some(input) = console.input {
             let input = SerialInput::new(serial, input).map_err(io_err("the serial input"))?;
             event_manager.add_subscriber(Arc::new(Mutex::new(input)));
@@ -452,7 +530,7 @@ impl Vmm {
                 name: "i8042",
                 source,
             })?;
-        Ok(drainer)
+        Ok((drainer, serial_dev))
     }
 
     /// A handle to end the run from another thread: report a reason on it
@@ -474,6 +552,10 @@ impl Vmm {
         if self.stop_signals {
             signals::StopSignals::install(&mut self.event_manager, self.exit.clone())?;
         }
+        let snapshot_asked = match &self.snapshot_to {
+            Some(_) => Some(signals::SnapshotSignal::install(&mut self.event_manager)?),
+            None => None,
+        };
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
         let mut start_error = None;
         for vcpu in self.vcpus.drain(..) {
@@ -494,6 +576,15 @@ impl Vmm {
                 self.exit
                     .report(ExitReason::VmmError(format!("event loop failed: {e:?}")));
                 loop_error = Some(e);
+            }
+            if snapshot_asked
+                .as_ref()
+                .is_some_and(|a| a.swap(false, std::sync::atomic::Ordering::SeqCst))
+            {
+                // The event loop (this thread) stands still meanwhile.
+                if let Err(e) = self.take_snapshot(&handles) {
+                    log::error!("snapshot failed: {}", crate::error_chain(&e));
+                }
             }
         }
         for h in &handles {

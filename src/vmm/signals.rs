@@ -1,7 +1,9 @@
 //! Event-loop subscribers that end the run: the VM's exit event, and the
-//! host signals that ask kiln to stop (SIGTERM, SIGINT, SIGHUP).
+//! host signals that ask kiln to stop (SIGTERM, SIGINT, SIGHUP) or to take
+//! a snapshot (SIGUSR1).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -33,16 +35,87 @@ impl MutEventSubscriber for ExitWatcher {
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
-fn signal_set() -> libc::sigset_t {
+fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initializes it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t we own.
     unsafe { libc::sigemptyset(&mut set) };
-    for sig in STOP_SIGNALS {
+    for &sig in signals {
         // SAFETY: as above; the signals are valid numbers.
         unsafe { libc::sigaddset(&mut set, sig) };
     }
     set
+}
+
+/// Blocks `signals` on the calling thread (and so in threads it starts
+/// later) and returns a signalfd that reads them.
+fn signal_fd(signals: &[libc::c_int], what: &'static str) -> Result<OwnedFd, Error> {
+    let set = signal_set(signals);
+    // SAFETY: `set` is a valid signal set; a null old-set pointer is allowed.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(Error::Io {
+            what,
+            source: std::io::Error::from_raw_os_error(r),
+        });
+    }
+    // SAFETY: -1 asks for a new signalfd; `set` is valid.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Io {
+            what,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: signalfd returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one signal from a signalfd.
+fn read_signal(fd: &OwnedFd) -> Option<libc::c_int> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into `info`, which is that large.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut info).cast(), size) };
+    if n != size as isize {
+        return None;
+    }
+    libc::c_int::try_from(info.ssi_signo).ok()
+}
+
+/// SIGUSR1 asks for a snapshot: the flag is set for [`super::Vmm::run`],
+/// which takes it between two rounds of the event loop.
+pub struct SnapshotSignal {
+    fd: OwnedFd,
+    asked: Arc<AtomicBool>,
+}
+
+impl SnapshotSignal {
+    pub fn install(em: &mut EventManager<Subscriber>) -> Result<Arc<AtomicBool>, Error> {
+        let fd = signal_fd(&[libc::SIGUSR1], "the snapshot signal")?;
+        let asked = Arc::new(AtomicBool::new(false));
+        em.add_subscriber(Arc::new(Mutex::new(SnapshotSignal {
+            fd,
+            asked: asked.clone(),
+        })));
+        Ok(asked)
+    }
+}
+
+impl MutEventSubscriber for SnapshotSignal {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        if read_signal(&self.fd).is_some() {
+            log::info!("received SIGUSR1: taking a snapshot");
+            self.asked.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("cannot watch the snapshot signal: {e:?}");
+        }
+    }
 }
 
 /// Turns the stop signals into an [`ExitReason::Stopped`] through a
@@ -56,25 +129,7 @@ pub struct StopSignals {
 
 impl StopSignals {
     pub fn install(em: &mut EventManager<Subscriber>, exit: Arc<ExitSignal>) -> Result<(), Error> {
-        let set = signal_set();
-        // SAFETY: `set` is a valid signal set; a null old-set pointer is allowed.
-        let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if r != 0 {
-            return Err(Error::Io {
-                what: "the stop signals",
-                source: std::io::Error::from_raw_os_error(r),
-            });
-        }
-        // SAFETY: -1 asks for a new signalfd; `set` is valid.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::Io {
-                what: "the stop signals",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: signalfd returned a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = signal_fd(&STOP_SIGNALS, "the stop signals")?;
         em.add_subscriber(Arc::new(Mutex::new(StopSignals { fd, exit })));
         Ok(())
     }
@@ -82,15 +137,10 @@ impl StopSignals {
 
 impl MutEventSubscriber for StopSignals {
     fn process(&mut self, _: Events, _: &mut EventOps) {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads at most `size` bytes into `info`, which is that large.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut info).cast(), size) };
-        if n != size as isize {
+        let Some(signo) = read_signal(&self.fd) else {
             return;
-        }
-        let name = match info.ssi_signo as libc::c_int {
+        };
+        let name = match signo {
             libc::SIGTERM => "SIGTERM",
             libc::SIGINT => "SIGINT",
             libc::SIGHUP => "SIGHUP",

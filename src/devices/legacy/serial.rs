@@ -9,7 +9,8 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -48,16 +49,66 @@ pub struct SerialDevice {
     output_failed: bool,
 }
 
+/// The UART's registers and receive FIFO, for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor: [u8; 2],
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialDevice {
-    /// `irq` is written when the UART raises its interrupt.
-    pub fn new(irq: EventFd, out: Output) -> io::Result<Self> {
+    /// `irq` is written when the UART raises its interrupt; `state`, when
+    /// given, is a snapshot's UART (a FIFO over the UART's size is refused).
+    pub fn new(irq: EventFd, out: Output, state: Option<&SerialSnapshot>) -> io::Result<Self> {
         let input_ready = EventFd::new(EFD_NONBLOCK)?;
         let events = InputReady(input_ready.try_clone()?);
+        let uart = match state {
+            None => Serial::with_events(IrqTrigger(irq), events, out),
+            Some(s) => {
+                let state = SerialState {
+                    baud_divisor_low: s.baud_divisor[0],
+                    baud_divisor_high: s.baud_divisor[1],
+                    interrupt_enable: s.interrupt_enable,
+                    interrupt_identification: s.interrupt_identification,
+                    line_control: s.line_control,
+                    line_status: s.line_status,
+                    modem_control: s.modem_control,
+                    modem_status: s.modem_status,
+                    scratch: s.scratch,
+                    in_buffer: s.in_buffer.clone(),
+                };
+                Serial::from_state(&state, IrqTrigger(irq), events, out)
+                    .map_err(|e| io::Error::other(format!("the snapshot's serial state: {e:?}")))?
+            }
+        };
         Ok(SerialDevice {
-            uart: Serial::with_events(IrqTrigger(irq), events, out),
+            uart,
             input_ready,
             output_failed: false,
         })
+    }
+
+    /// The UART's state, for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// Queues host bytes for the guest; returns how many fit in the FIFO.
@@ -220,7 +271,8 @@ mod tests {
     fn device() -> (SerialDevice, Sink, EventFd) {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let sink = Sink::default();
-        let dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(sink.clone())).unwrap();
+        let dev =
+            SerialDevice::new(irq.try_clone().unwrap(), Box::new(sink.clone()), None).unwrap();
         (dev, sink, irq)
     }
 
