@@ -427,6 +427,11 @@ fn runs_as_a_normal_user() {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     std::fs::set_permissions(dir.join("vmlinux"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    // An OCI archive, unpacked by the user: its root-owned files must stay
+    // root's in the guest (kiln sets owners inside the ext4 image).
+    let archive = dir.join("image.oci.tar");
+    oci_archive(&archive);
+    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o644)).unwrap();
     // As root, become nobody with /dev/kvm's group; as a normal user, stay.
     let (uid, mut c) = if root {
         let mut c = Command::new("setpriv");
@@ -448,7 +453,14 @@ fn runs_as_a_normal_user() {
             .args(["--cpus", "1", "--memory", "256"])
             .arg("--mount")
             .arg(format!("{}:/out", share.display()))
-            .args(["--", "sh", "-c", "echo from-guest > /out/file; id -u"])
+            .arg("--image")
+            .arg(&archive)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "echo from-guest > /out/file; id -u; stat -c %u:%g /bin/busybox /etc/kept",
+            ])
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("HOME", &dir)
@@ -461,7 +473,7 @@ fn runs_as_a_normal_user() {
     });
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     // Root in the guest, the user on the host.
-    assert_eq!(text(&out.stdout), "0\n");
+    assert_eq!(text(&out.stdout), "0\n0:0\n0:0\n");
     let file = share.join("file");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "from-guest\n");
     assert_eq!(

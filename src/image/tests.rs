@@ -519,6 +519,30 @@ fn dotdot_entry_is_refused() {
     assert!(!env.path("escape").exists());
 }
 
+/// A layer declaring a file larger than the disk (a "bomb": a few bytes
+/// that claim terabytes) is refused before anything is written.
+#[test]
+fn a_layer_larger_than_the_disk_is_refused() {
+    let env = Env::new();
+    let mut h = Header::new_ustar();
+    h.set_path("bomb").unwrap();
+    h.set_entry_type(EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_size(1 << 40);
+    h.set_cksum();
+    // The header alone: the archive ends where the terabyte would start.
+    let l = h.as_bytes().to_vec();
+    let e = prepare_layers(&env, vec![l]).unwrap_err();
+    let msg = crate::error_chain(&e);
+    assert!(
+        msg.contains("bomb") && msg.contains("unpacks to more than"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn hard_link_outside_is_refused() {
     let env = Env::new();

@@ -51,6 +51,29 @@ pub(crate) struct Skipped {
 pub(crate) struct Tree {
     root: PathBuf,
     meta: BTreeMap<PathBuf, Meta>,
+    /// File bytes written so far, and how many may be: an image is
+    /// untrusted, and a small compressed layer can declare terabytes.
+    written: u64,
+    limit: u64,
+}
+
+/// The most an image may unpack to, whatever the disk holds.
+const MAX_UNPACKED: u64 = 64 << 30;
+/// What unpacking leaves free on the cache's file system.
+const KEEP_FREE: u64 = 1 << 30;
+/// The most entries an image may have (each costs memory here).
+const MAX_ENTRIES: usize = 4_000_000;
+
+/// Bytes free for an unprivileged user on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs is plain data.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a pointer to a statvfs we own.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// An I/O error about one entry of a layer.
@@ -108,9 +131,14 @@ impl Tree {
         fs::set_permissions(root, fs::Permissions::from_mode(0o755))?;
         let mut meta = BTreeMap::new();
         meta.insert(PathBuf::new(), Meta::dir(0o755, 0));
+        let limit = free_bytes(root)
+            .map_or(MAX_UNPACKED, |free| free.saturating_sub(KEEP_FREE))
+            .min(MAX_UNPACKED);
         Ok(Tree {
             root: root.to_path_buf(),
             meta,
+            written: 0,
+            limit,
         })
     }
 
@@ -271,6 +299,20 @@ impl Tree {
                 });
                 self.meta.insert(rel.clone(), m);
             } else {
+                let size = entry.header().size().unwrap_or(u64::MAX);
+                self.written = self.written.saturating_add(size);
+                if self.written > self.limit {
+                    return Err(at(&shown)(bad(format!(
+                        "the image unpacks to more than {} MiB, all this disk can take (at most {} GiB, leaving 1 GiB free)",
+                        self.limit >> 20,
+                        MAX_UNPACKED >> 30
+                    ))));
+                }
+                if self.meta.len() >= MAX_ENTRIES {
+                    return Err(at(&shown)(bad(format!(
+                        "the image has more than {MAX_ENTRIES} files"
+                    ))));
+                }
                 self.clear(&rel).map_err(at(&shown))?;
                 let mut f = OpenOptions::new()
                     .write(true)
