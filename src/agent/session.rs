@@ -393,7 +393,8 @@ impl Session {
 
     fn host_io(&mut self, revents: libc::c_short) -> Result<(), Error> {
         if revents & libc::POLLOUT != 0 {
-            let (a, _) = self.out.as_slices();
+            // One write for all that is queued (the socket is non-blocking).
+            let a = self.out.make_contiguous();
             match self.host.write(a) {
                 Ok(n) => {
                     self.out.drain(..n);
