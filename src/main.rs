@@ -37,7 +37,9 @@ fn main() -> ExitCode {
             return match e.exit_code() {
                 0 => ExitCode::SUCCESS,
                 _ if is_run() => ExitCode::from(kiln::run::code::KILN_FAILED),
-                c => ExitCode::from(u8::try_from(c).unwrap_or(2)),
+                // README's table: 1 is "kiln could not start the VM"; 2
+                // means the guest failed, never a bad flag.
+                _ => ExitCode::FAILURE,
             };
         }
     };
@@ -49,10 +51,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `kiln --config-file vm.json`.
 /// The files in a `--snapshot-dir`: vm.state and vm.mem.
 const SNAPSHOT_NAME: &str = "vm";
 
+/// `kiln --config-file vm.json`.
 fn boot_config(cli: &Cli) -> ExitCode {
     let Some(config_file) = cli.config_file.as_deref() else {
         return fail("--config-file is required");

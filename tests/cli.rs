@@ -35,6 +35,24 @@ fn version_prints_the_crate_version() {
     );
 }
 
+/// A bad flag is kiln failing to start (1), never "the guest failed" (2);
+/// under `kiln run` it is 125, as `docker run` has it.
+#[test]
+fn usage_errors_have_their_documented_codes() {
+    for args in [&["--no-such-flag"][..], &[][..], &["--config-file"][..]] {
+        let out = kiln(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(!out.stderr.is_empty(), "{args:?}: no message");
+    }
+    let out = kiln(&["run", "--no-such-flag", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+}
+
 #[test]
 fn missing_config_file_is_named() {
     let out = kiln(&["--config-file", "/nonexistent/vm.json"]);
