@@ -98,8 +98,12 @@ pub enum Error {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
-    #[error("kernel command line is too long ({len} bytes, at most {max}): shorten boot-source.boot_args")]
-    CmdlineTooLong { len: usize, max: usize },
+    #[error("kernel command line is too long: {len} bytes with its NUL, at most {max}; boot-source.boot_args is {given} of them, kiln adds {} (one virtio_mmio.device= per virtio device, root=, this host's options): shorten boot_args", len.saturating_sub(*given + 1))]
+    CmdlineTooLong {
+        len: usize,
+        max: usize,
+        given: usize,
+    },
     #[error("invalid kernel command line {0:?}")]
     Cmdline(String),
     #[error("cannot write the kernel command line into guest memory")]
@@ -288,12 +292,18 @@ pub fn load_initrd(
 }
 
 /// Writes `cmdline` to its fixed place; returns its size with the NUL.
-pub fn load_command_line(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, Error> {
+/// `given` is how much of it the user wrote (boot_args), for the error.
+pub fn load_command_line(
+    mem: &GuestMemoryMmap,
+    cmdline: &str,
+    given: usize,
+) -> Result<usize, Error> {
     let len = cmdline.len() + 1;
     if len > CMDLINE_MAX_SIZE {
         return Err(Error::CmdlineTooLong {
             len,
             max: CMDLINE_MAX_SIZE,
+            given,
         });
     }
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
@@ -323,7 +333,7 @@ mod tests {
     #[test]
     fn cmdline_is_written_with_nul() {
         let m = mem();
-        let n = load_command_line(&m, "console=ttyS0 panic=1").unwrap();
+        let n = load_command_line(&m, "console=ttyS0 panic=1", 21).unwrap();
         assert_eq!(n, 22);
         let mut buf = [0u8; 22];
         m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
@@ -333,10 +343,17 @@ mod tests {
     #[test]
     fn cmdline_too_long() {
         let long = "a".repeat(CMDLINE_MAX_SIZE);
-        assert!(matches!(
-            load_command_line(&mem(), &long),
-            Err(Error::CmdlineTooLong { .. })
-        ));
+        let e = load_command_line(&mem(), &long, CMDLINE_MAX_SIZE - 300).unwrap_err();
+        assert!(matches!(e, Error::CmdlineTooLong { .. }));
+        // What kiln appended is counted and said.
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "boot_args is {} of them, kiln adds 300",
+                CMDLINE_MAX_SIZE - 300
+            )),
+            "{msg}"
+        );
     }
 
     #[test]

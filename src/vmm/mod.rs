@@ -455,7 +455,13 @@ impl Vmm {
             Some(path) => Some(loader::load_initrd(mem, mem_size, path, &kernel)?),
             None => None,
         };
-        let cmdline_size = loader::load_command_line(mem, cmdline)?;
+        let given = config
+            .boot_source
+            .boot_args
+            .as_deref()
+            .unwrap_or(DEFAULT_BOOT_ARGS)
+            .len();
+        let cmdline_size = loader::load_command_line(mem, cmdline, given)?;
         let info = BootInfo {
             mem_size,
             cmdline_size,
