@@ -93,7 +93,7 @@ pub enum Error {
         why: &'static str,
     },
     /// A member of an archive (or a file of a layout directory) cannot be read.
-    #[error("cannot read {member} in {}", archive.display())]
+    #[error("cannot read {} in {}", member.escape_debug(), archive.display())]
     Member {
         /// The archive or layout directory.
         archive: PathBuf,
@@ -104,7 +104,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A member the image refers to is not there.
-    #[error("{member} is missing from {}", archive.display())]
+    #[error("{} is missing from {}", member.escape_debug(), archive.display())]
     Missing {
         /// The archive or layout directory.
         archive: PathBuf,
@@ -121,7 +121,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A JSON member is larger than kiln reads.
-    #[error("{member} in {} is larger than {limit} bytes", archive.display())]
+    #[error("{} in {} is larger than {limit} bytes", member.escape_debug(), archive.display())]
     TooLarge {
         /// The archive or layout directory.
         archive: PathBuf,
@@ -131,7 +131,7 @@ pub enum Error {
         limit: u64,
     },
     /// A JSON member does not parse.
-    #[error("{member} in {} is not a valid {what}", archive.display())]
+    #[error("{} in {} is not a valid {what}", member.escape_debug(), archive.display())]
     Json {
         /// The archive or layout directory.
         archive: PathBuf,
@@ -145,7 +145,8 @@ pub enum Error {
     },
     /// A blob's content does not match its digest (which names it).
     #[error(
-        "{member} in {} does not match its digest: its content's sha256 is {actual}",
+        "{} in {} does not match its digest: its content's sha256 is {actual}",
+        member.escape_debug(),
         archive.display()
     )]
     Digest {
@@ -159,7 +160,7 @@ pub enum Error {
         actual: String,
     },
     /// The image is inconsistent in a way described by `what`.
-    #[error("{member} in {}: {what}", archive.display())]
+    #[error("{} in {}: {}", member.escape_debug(), archive.display(), what.escape_debug())]
     Invalid {
         /// The archive or layout directory.
         archive: PathBuf,
@@ -170,7 +171,7 @@ pub enum Error {
     },
     /// A layer cannot be applied (a corrupt stream, an entry escaping the
     /// image, a host I/O error).
-    #[error("cannot unpack layer {index}/{count} ({member}) of {}", archive.display())]
+    #[error("cannot unpack layer {index}/{count} ({}) of {}", member.escape_debug(), archive.display())]
     Layer {
         /// The archive or layout directory.
         archive: PathBuf,

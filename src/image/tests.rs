@@ -543,6 +543,17 @@ fn a_layer_larger_than_the_disk_is_refused() {
     );
 }
 
+/// Names from an image reach messages escaped: a hostile entry name cannot
+/// write escape sequences to the user's terminal.
+#[test]
+fn entry_names_in_messages_are_escaped() {
+    let env = Env::new();
+    let l = layer(&[file("a/../\u{1b}]0;owned\u{7}", 0o644, 0, b"x")]);
+    let msg = crate::error_chain(&prepare_layers(&env, vec![l]).unwrap_err());
+    assert!(!msg.contains('\u{1b}') && !msg.contains('\u{7}'), "{msg:?}");
+    assert!(msg.contains("\\u{1b}]0;owned\\u{7}"), "{msg}");
+}
+
 #[test]
 fn hard_link_outside_is_refused() {
     let env = Env::new();

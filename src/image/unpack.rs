@@ -167,7 +167,9 @@ impl Tree {
         for entry in archive.entries()? {
             let mut entry = entry?;
             let raw = entry.path_bytes().into_owned();
-            let shown = String::from_utf8_lossy(&raw).into_owned();
+            // Entry names come from the image: escaped before they reach a
+            // terminal in a message.
+            let shown = String::from_utf8_lossy(&raw).escape_debug().to_string();
             let rel =
                 clean(&raw).ok_or_else(|| bad(format!("entry {shown} has a .. component")))?;
             let pax = pax_overrides(&mut entry);
