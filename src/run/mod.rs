@@ -245,7 +245,8 @@ fn finish(ending: Ending, console: &ConsoleTail) -> u8 {
             u8::try_from(128 + (s & 0x7f)).unwrap_or(code::KILN_FAILED)
         }
         Ending::Failed(c, message) => {
-            eprintln!("kiln: {message}");
+            // The text comes from the guest: escaped for the terminal.
+            eprintln!("kiln: {}", message.escape_debug());
             c
         }
         Ending::TimedOut => {
