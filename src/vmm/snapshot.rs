@@ -20,19 +20,23 @@ use super::{Error, Vmm};
 
 /// Refuses a config whose devices a snapshot cannot hold yet.
 pub(super) fn check_config(config: &VmConfig) -> Result<(), Error> {
-    let mut devices = Vec::new();
+    let mut names = Vec::new();
+    let mut whys = Vec::new();
     if config.vsock.is_some() {
-        devices.push("vsock (its transport must be reset on restore)");
+        names.push("vsock");
+        whys.push("vsock must reset its transport on restore");
     }
     if !config.fs.is_empty() {
-        devices.push("fs (its folders must be attached per run)");
+        names.push("fs");
+        whys.push("fs needs its folders attached per run");
     }
-    if devices.is_empty() {
+    if names.is_empty() {
         Ok(())
     } else {
         Err(Error::SnapshotUnsupported(format!(
-            "snapshots of VMs with {} devices are not supported yet",
-            devices.join(" or ")
+            "snapshots of VMs with {} devices are not supported yet ({})",
+            names.join(" or "),
+            whys.join("; ")
         )))
     }
 }
