@@ -15,6 +15,9 @@
 //!   vCPU thread;
 //! - [`queue::Cursor`] walks one queue for a device: chains in, used
 //!   entries out, interrupts and DEVICE_NEEDS_RESET on a broken ring.
+//! - [`state`] is what a snapshot keeps of a device: the transport's
+//!   registers, the queues and the device's place in them, the device's own
+//!   state; a restore re-activates an active device without the driver.
 //!
 //! A new device is one file implementing [`VirtioDevice`]; the builder wraps
 //! it with [`VirtioMmioDevice::new`] and wires the result.
