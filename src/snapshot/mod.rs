@@ -33,8 +33,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRe
 use crate::vcpu::state::VcpuState;
 use crate::vm::VmState;
 
-/// The snapshot format this kiln writes and reads.
-pub const FORMAT: u32 = 1;
+/// The snapshot format this kiln writes and reads. 2: virtio devices.
+pub const FORMAT: u32 = 2;
 const MAGIC: &[u8; 8] = b"KILNSNAP";
 /// Caps on what a state file may make kiln read.
 const MAX_HEADER: u32 = 64 * 1024;
@@ -82,6 +82,22 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: crate::devices::legacy::serial::SerialSnapshot,
+    /// The virtio devices, in the order they were attached.
+    pub devices: Vec<DeviceState>,
+}
+
+/// One virtio device: where it sat ([`crate::vmm::AttachedDevice`]) and
+/// its state. A restore attaches the config's devices in the same order
+/// and refuses a list that differs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// The config's name for it (`drive rootfs`, `entropy`).
+    pub id: String,
+    /// The virtio device ID (§5).
+    pub device_type: u32,
+    pub mmio_base: u64,
+    pub irq: u32,
+    pub transport: crate::devices::virtio::state::TransportState,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

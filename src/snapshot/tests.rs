@@ -41,6 +41,7 @@ fn snapshot_of_a_guest(dir: &Path) -> (Paths, Guest) {
         vm: VmState::save(&g.vm.fd).unwrap(),
         vcpus: vec![VcpuState::save(&g.vcpu, &cpuid, &msrs).unwrap()],
         serial: Default::default(),
+        devices: Vec::new(),
     };
     let paths = Paths::new(dir, "s");
     write(&paths, &state, &g.mem, &g.vm.supported_cpuid).unwrap();
@@ -138,7 +139,7 @@ fn damaged_foreign_and_truncated_snapshots_are_refused() {
         "{said}"
     );
     let said = restore(
-        &with_header(header.replace("\"format\":1", "\"format\":99")),
+        &with_header(header.replace(&format!("\"format\":{FORMAT}"), "\"format\":99")),
         &good_memory,
     )
     .unwrap();

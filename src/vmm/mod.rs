@@ -35,6 +35,7 @@ use crate::devices::virtio::vsock::{self, Vsock, VsockOptions};
 use crate::devices::virtio::{
     self, BlockOptions, CacheMode, MmioTransport, VirtioDevice, VirtioMmioDevice,
 };
+use crate::snapshot::DeviceState;
 use crate::vcpu::{self, Vcpu, VcpuHandle, VcpuSetup};
 use crate::{loader, memory, quirks, vm};
 use exit::{ExitReason, ExitSignal};
@@ -112,6 +113,14 @@ pub enum Error {
         #[source]
         source: block::Error,
     },
+    #[error("the state of {name}")]
+    DeviceState {
+        name: String,
+        #[source]
+        source: virtio::state::Error,
+    },
+    #[error("the snapshot does not match the config's devices: {0}")]
+    SnapshotDevices(String),
     #[error("too many virtio devices: kiln has IRQs for {max}")]
     TooManyDevices { max: u32 },
     #[error("cannot register the queue notification of {name} at {addr:#x}")]
@@ -167,6 +176,9 @@ struct VirtioAttacher<'a> {
     event_manager: &'a mut EventManager<Subscriber>,
     cmdline: &'a mut String,
     devices: Vec<AttachedDevice>,
+    /// On a restore, the devices the snapshot holds: each attached device
+    /// must match the next one, and takes its state.
+    saved: Option<&'a [DeviceState]>,
 }
 
 impl VirtioAttacher<'_> {
@@ -193,6 +205,13 @@ impl VirtioAttacher<'_> {
             });
         }
         let base = VIRTIO_MMIO_START + u64::from(count) * VIRTIO_MMIO_SIZE;
+        let saved = match self.saved {
+            Some(list) => {
+                let here = (id, dev.device_type, base, irq);
+                Some(snapshot::same_device(list, self.devices.len(), here)?)
+            }
+            None => None,
+        };
         self.mmio_bus
             .insert(dev.transport.clone(), base, VIRTIO_MMIO_SIZE)
             .map_err(|source| Error::Bus {
@@ -216,6 +235,16 @@ impl VirtioAttacher<'_> {
                 .map_err(|source| Error::Ioeventfd {
                     name: id.to_string(),
                     addr: notify,
+                    source,
+                })?;
+        }
+        if let Some(saved) = saved {
+            // Before the subscriber joins the event loop: it then finds
+            // the device active, as after a DRIVER_OK.
+            bus::lock(&dev.transport)
+                .restore_state(&saved.transport)
+                .map_err(|source| Error::DeviceState {
+                    name: id.to_string(),
                     source,
                 })?;
         }
@@ -338,6 +367,7 @@ impl Vmm {
             event_manager: &mut event_manager,
             cmdline: &mut cmdline,
             devices: Vec::new(),
+            saved: restore.as_ref().map(|s| s.devices.as_slice()),
         };
         // The root drive goes first, so the guest names it /dev/vda.
         let mut drives: Vec<&BlockDeviceConfig> = config.drives.iter().collect();
@@ -392,6 +422,9 @@ impl Vmm {
                 virtio.attach(&format!("fs {}", share.tag), dev)?;
             }
         }
+        if let Some(saved) = virtio.saved {
+            snapshot::no_more_devices(saved, virtio.devices.len())?;
+        }
         let devices = virtio.devices;
         if let Some(extra) = quirks::cmdline_additions(&cmdline) {
             log::info!("this host's KVM interprets guest kernel code ({}); adding to the kernel command line: {extra}", quirks::BACKEND_NAME);
@@ -424,6 +457,9 @@ impl Vmm {
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(state) = &restore {
             snapshot::restore_machine(&vm, &vcpus, state)?;
+            for d in &devices {
+                bus::lock(&d.transport).replay_interrupt();
+            }
         }
 
         Ok(Vmm {

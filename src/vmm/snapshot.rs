@@ -2,16 +2,17 @@
 //! save vCPU, VM and device state and guest memory ([`crate::snapshot`]),
 //! resume; or build the VM from those files instead of booting.
 //!
-//! Only VMs without virtio devices can be snapshotted yet: the virtio
-//! transport and device state is the next step, and a snapshot that lost it
-//! would restore a guest whose devices no longer answer.
+//! Virtio devices are saved through their transports
+//! ([`crate::devices::virtio::state`]); vsock and fs devices cannot be yet
+//! (vsock must reset its transport on restore, fs needs its folders chosen
+//! per run), and VMs with them are refused.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::VmConfig;
 use crate::devices::bus;
-use crate::snapshot::{self, MachineState, Paths};
+use crate::snapshot::{self, DeviceState, MachineState, Paths};
 use crate::vcpu::{state, Vcpu, VcpuHandle};
 use crate::vm::{self, VmState};
 
@@ -19,26 +20,72 @@ use super::{Error, Vmm};
 
 /// Refuses a config whose devices a snapshot cannot hold yet.
 pub(super) fn check_config(config: &VmConfig) -> Result<(), Error> {
-    let mut devices = Vec::new();
-    if !config.drives.is_empty() {
-        devices.push("drives");
-    }
-    if config.entropy.is_some() {
-        devices.push("entropy");
-    }
+    let mut names = Vec::new();
+    let mut whys = Vec::new();
     if config.vsock.is_some() {
-        devices.push("vsock");
+        names.push("vsock");
+        whys.push("vsock must reset its transport on restore");
     }
     if !config.fs.is_empty() {
-        devices.push("fs");
+        names.push("fs");
+        whys.push("fs needs its folders attached per run");
     }
-    if devices.is_empty() {
+    if names.is_empty() {
         Ok(())
     } else {
         Err(Error::SnapshotUnsupported(format!(
-            "snapshots of VMs with virtio devices ({}) are not supported yet",
-            devices.join(", ")
+            "snapshots of VMs with {} devices are not supported yet ({})",
+            names.join(" or "),
+            whys.join("; ")
         )))
+    }
+}
+
+/// The saved state of device `index`, if the snapshot's device there is
+/// the one the config attaches there: `here` is its id, type, MMIO base
+/// and IRQ.
+pub(super) fn same_device<'a>(
+    saved: &'a [DeviceState],
+    index: usize,
+    here: (&str, u32, u64, u32),
+) -> Result<&'a DeviceState, Error> {
+    let (id, device_type, base, irq) = here;
+    let describe = |id: &str, t: u32, base: u64, irq: u32| {
+        format!("{id} (virtio type {t}) at {base:#x}, IRQ {irq}")
+    };
+    let config = describe(id, device_type, base, irq);
+    match saved.get(index) {
+        None => Err(Error::SnapshotDevices(format!(
+            "device {index} is {config} in the config, the snapshot has {} devices",
+            saved.len()
+        ))),
+        Some(s)
+            if s.id != id
+                || s.device_type != device_type
+                || s.mmio_base != base
+                || s.irq != irq =>
+        {
+            Err(Error::SnapshotDevices(format!(
+                "device {index} is {} in the snapshot, {config} in the config",
+                describe(&s.id, s.device_type, s.mmio_base, s.irq)
+            )))
+        }
+        Some(s) => Ok(s),
+    }
+}
+
+/// Refuses a snapshot with devices beyond the `attached` the config has.
+pub(super) fn no_more_devices(saved: &[DeviceState], attached: usize) -> Result<(), Error> {
+    match saved.get(attached) {
+        Some(s) => Err(Error::SnapshotDevices(format!(
+            "the snapshot has {} devices, the config {attached}; the first missing is {} (virtio type {}) at {:#x}, IRQ {}",
+            saved.len(),
+            s.id,
+            s.device_type,
+            s.mmio_base,
+            s.irq
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -139,11 +186,31 @@ impl Vmm {
             .iter()
             .map(|h| h.save_state(msrs.clone()))
             .collect::<Result<Vec<_>, _>>()?;
+        let devices =
+            self.devices
+                .iter()
+                .map(|d| {
+                    let transport = bus::lock(&d.transport).save_state().map_err(|source| {
+                        Error::DeviceState {
+                            name: d.id.clone(),
+                            source,
+                        }
+                    })?;
+                    Ok(DeviceState {
+                        id: d.id.clone(),
+                        device_type: d.device_type,
+                        mmio_base: d.mmio_base,
+                        irq: d.irq,
+                        transport,
+                    })
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
         let state = MachineState {
             mem_size_mib: self.mem_size_mib,
             vm: VmState::save(&self.vm.fd)?,
             vcpus,
             serial: bus::lock(&self.serial).snapshot(),
+            devices,
         };
         snapshot::write(paths, &state, &self._memory, &self.vm.supported_cpuid)
             .map_err(Error::Snapshot)

@@ -7,8 +7,14 @@
 use log::debug;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::QueueConfig;
-use super::{features, hi32, lo32, status, Active, Error, GuestMem, Interrupt, SharedSlot};
+use virtio_queue::QueueT;
+
+use super::queue::{Error as QueueError, QueueConfig};
+use super::state::{self, Error as StateError, QueueSnapshot, TransportState};
+use super::{
+    features, hi32, interrupt_bits, lo32, status, Active, Error, GuestMem, Interrupt, SharedSlot,
+    Slot, VirtioDevice,
+};
 use crate::devices::bus::{lock, BusDevice};
 
 /// Size of the MMIO window of one device (the `4K` of `virtio_mmio.device=`).
@@ -349,53 +355,67 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let event_idx = self.acked_features & features::VIRTIO_RING_F_EVENT_IDX != 0;
         let mut slot = lock(&self.device);
+        match self.build_active(&slot, &[]) {
+            Ok(active) => {
+                slot.activate(active);
+                drop(slot);
+                self.kick_event_loop();
+            }
+            Err(e) => {
+                match &e {
+                    Error::UnusableQueue { .. } => {
+                        debug!("virtio-mmio: DRIVER_OK refused: {}", crate::error_chain(&e))
+                    }
+                    _ => log::warn!(
+                        "virtio-mmio: device not started: {}",
+                        crate::error_chain(&e)
+                    ),
+                }
+                drop(slot);
+                self.interrupt.set_needs_reset();
+            }
+        }
+    }
+
+    /// What the device works with once active: its queues built from
+    /// their configuration (queue `i` placed at `positions[i]`, as
+    /// `(next_avail, next_used)`, when given), the features, the interrupt.
+    fn build_active(
+        &self,
+        slot: &Slot<dyn VirtioDevice>,
+        positions: &[(u16, u16)],
+    ) -> Result<Active, Error> {
+        let event_idx = self.acked_features & features::VIRTIO_RING_F_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter().enumerate() {
-            let built = if q.ready {
+            let mut built = if q.ready {
                 q.build(&self.mem, event_idx)
             } else if slot.device.queue_optional(i, self.acked_features) {
                 // Left disabled, as the device type allows: never processed.
                 q.build_disabled()
             } else {
-                Err(super::queue::Error::Disabled)
-            };
-            match built {
-                Ok(q) => queues.push(q),
-                Err(e) => {
-                    debug!("virtio-mmio: DRIVER_OK with unusable queue {i}: {e}");
-                    drop(slot);
-                    self.interrupt.set_needs_reset();
-                    return;
-                }
+                Err(QueueError::Disabled)
             }
+            .map_err(|source| Error::UnusableQueue { index: i, source })?;
+            if let Some(&(next_avail, next_used)) = positions.get(i) {
+                built.set_next_avail(next_avail);
+                built.set_next_used(next_used);
+            }
+            queues.push(built);
         }
         let queue_evts = if slot.device.waits_on_queues() {
-            match self.clone_queue_evts() {
-                Ok(evts) => evts,
-                Err(e) => {
-                    log::warn!(
-                        "virtio-mmio: device not started: {}",
-                        crate::error_chain(&e)
-                    );
-                    drop(slot);
-                    self.interrupt.set_needs_reset();
-                    return;
-                }
-            }
+            self.clone_queue_evts()?
         } else {
             Vec::new()
         };
-        slot.activate(Active {
+        Ok(Active {
             mem: self.mem.clone(),
             queues,
             acked_features: self.acked_features,
             interrupt: self.interrupt.clone(),
             queue_evts,
-        });
-        drop(slot);
-        self.kick_event_loop();
+        })
     }
 
     fn kick_event_loop(&self) {
@@ -424,6 +444,135 @@ impl MmioTransport {
         self.interrupt.clear();
         if was_active {
             self.kick_event_loop();
+        }
+    }
+}
+
+/// Snapshots: see [`super::state`].
+impl MmioTransport {
+    /// The transport's state, its queues' and the device's own, for a
+    /// snapshot. The VM must be paused and the event loop standing still,
+    /// so that no queue is being processed.
+    pub fn save_state(&self) -> Result<TransportState, StateError> {
+        let slot = lock(&self.device);
+        let device = slot.device.save_state()?;
+        let running = slot.active().map(|a| a.queues.as_slice()).unwrap_or(&[]);
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueSnapshot {
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+                next_avail: running.get(i).map_or(0, QueueT::next_avail),
+                next_used: running.get(i).map_or(0, QueueT::next_used),
+            })
+            .collect();
+        Ok(TransportState {
+            device_status: self.device_status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            acked_unoffered: self.acked_unoffered,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues,
+            device,
+        })
+    }
+
+    /// Puts a saved state back into this transport, fresh from
+    /// [`MmioTransport::new`] and before the guest runs. A device that was
+    /// active (DRIVER_OK, not DEVICE_NEEDS_RESET) is activated again with
+    /// its queues where they were, without the driver writing DRIVER_OK,
+    /// and the event loop is told. Everything is checked as a driver's
+    /// writes are first; a state no driver could have reached is refused.
+    pub fn restore_state(&mut self, s: &TransportState) -> Result<(), StateError> {
+        if !state::reachable_status(s.device_status) {
+            return Err(StateError::Status(s.device_status));
+        }
+        let known = interrupt_bits::USED_BUFFER | interrupt_bits::CONFIG_CHANGE;
+        if s.interrupt_status & !known != 0 {
+            return Err(StateError::InterruptStatus(s.interrupt_status));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(StateError::QueueCount {
+                found: s.queues.len(),
+                expected: self.queues.len(),
+            });
+        }
+        let features_ok = s.device_status & status::FEATURES_OK != 0;
+        let offered = self.offered_features();
+        if features_ok
+            && (s.acked_unoffered
+                || s.acked_features & !offered != 0
+                || s.acked_features & features::VIRTIO_F_VERSION_1 == 0)
+        {
+            return Err(StateError::Features {
+                acked: s.acked_features,
+                offered,
+            });
+        }
+        let mut queues = self.queues.clone();
+        for (index, (q, saved)) in queues.iter_mut().zip(&s.queues).enumerate() {
+            q.size = saved.size;
+            q.ready = saved.ready;
+            q.desc_table = saved.desc_table;
+            q.avail_ring = saved.avail_ring;
+            q.used_ring = saved.used_ring;
+            // As QueueReady: only after FEATURES_OK, only a valid queue.
+            if q.ready {
+                if !features_ok {
+                    return Err(StateError::ReadyTooEarly(index));
+                }
+                q.build(&self.mem, false)
+                    .map_err(|source| StateError::Queue { index, source })?;
+            }
+        }
+        lock(&self.device).device.restore_state(s.device.as_ref())?;
+
+        self.queues = queues;
+        self.device_status = s.device_status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.acked_unoffered = s.acked_unoffered;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.interrupt.restore(s.interrupt_status, s.needs_reset);
+
+        if s.device_status & status::DRIVER_OK != 0 && !s.needs_reset {
+            let positions: Vec<(u16, u16)> = s
+                .queues
+                .iter()
+                .map(|q| (q.next_avail, q.next_used))
+                .collect();
+            let mut slot = lock(&self.device);
+            let active = self
+                .build_active(&slot, &positions)
+                .map_err(StateError::Activate)?;
+            slot.activate(active);
+            drop(slot);
+            self.kick_event_loop();
+        }
+        Ok(())
+    }
+
+    /// Raises the interrupt again if the driver had not acknowledged it
+    /// when the snapshot was taken: called once the restored VM's
+    /// interrupt controllers are in place, so that an interrupt on its way
+    /// at the snapshot is not lost. A driver that already saw it finds
+    /// nothing new (virtio-mmio drivers check InterruptStatus).
+    pub fn replay_interrupt(&self) {
+        if self.interrupt.status() != 0 {
+            if let Err(e) = self.interrupt.eventfd().write(1) {
+                debug!("virtio-mmio: cannot signal irqfd: {e}");
+            }
         }
     }
 }

@@ -15,6 +15,9 @@
 //!   vCPU thread;
 //! - [`queue::Cursor`] walks one queue for a device: chains in, used
 //!   entries out, interrupts and DEVICE_NEEDS_RESET on a broken ring.
+//! - [`state`] is what a snapshot keeps of a device: the transport's
+//!   registers, the queues and the device's place in them, the device's own
+//!   state; a restore re-activates an active device without the driver.
 //!
 //! A new device is one file implementing [`VirtioDevice`]; the builder wraps
 //! it with [`VirtioMmioDevice::new`] and wires the result.
@@ -24,6 +27,7 @@ pub mod fs;
 pub mod mmio;
 pub mod queue;
 pub mod rng;
+pub mod state;
 pub mod subscriber;
 pub mod vsock;
 
@@ -123,6 +127,12 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("invalid virtio queue")]
     Queue(#[from] queue::Error),
+    #[error("queue {index} cannot be used")]
+    UnusableQueue {
+        index: usize,
+        #[source]
+        source: queue::Error,
+    },
 }
 
 /// The interrupt line of one device: the InterruptStatus register, the
@@ -201,6 +211,13 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// Sets InterruptStatus and the "needs reset" flag from a snapshot,
+    /// without signalling (see [`MmioTransport::replay_interrupt`]).
+    fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
     }
 
     /// The eventfd signalled on every interrupt (the builder's irqfd).
@@ -324,6 +341,22 @@ pub trait VirtioDevice: Send {
     /// Brings the device's own event sources up to date: called when the
     /// device joins the event loop, after every activation and reset.
     fn sync_sources(&mut self, _active: Option<&mut Active>, _sources: &mut dyn Sources) {}
+    /// The device's own state for a snapshot, beyond what the transport
+    /// saves (registers, queues and where the device is in them). `None`:
+    /// nothing to add. A device that cannot be snapshotted returns
+    /// [`state::Error::Unsupported`].
+    fn save_state(&self) -> Result<Option<serde_json::Value>, state::Error> {
+        Ok(None)
+    }
+    /// Checks and takes back what [`VirtioDevice::save_state`] returned,
+    /// on a device just built from the config, before the transport
+    /// activates it again.
+    fn restore_state(&mut self, state: Option<&serde_json::Value>) -> Result<(), state::Error> {
+        match state {
+            None => Ok(()),
+            Some(_) => Err(state::Error::UnexpectedDeviceState),
+        }
+    }
     /// One of the device's own sources (registered with `token`) is ready.
     fn process_source(
         &mut self,
@@ -355,6 +388,11 @@ impl<D: VirtioDevice + ?Sized> Slot<D> {
     /// Whether the driver set DRIVER_OK and has not reset the device since.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// The active state, between DRIVER_OK and reset.
+    pub(crate) fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
     }
 
     /// The device and its active state, for work that comes from outside

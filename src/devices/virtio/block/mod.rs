@@ -7,15 +7,19 @@ pub mod request;
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use log::debug;
+use serde::{Deserialize, Serialize};
 use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
 
 use self::request::{Disk, ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
 use super::queue::Outcome;
-use super::{device_type, features, read_config_space, Active, GuestMem, Sources, VirtioDevice};
+use super::{
+    device_type, features, read_config_space, state, Active, GuestMem, Sources, VirtioDevice,
+};
 use crate::hostfile::{self, Kind, Quoted};
 
 /// §5.2.3 feature bits.
@@ -91,6 +95,8 @@ pub enum Error {
 /// The virtio-blk device.
 pub struct Block {
     disk: Disk,
+    /// The image as the config names it (kept in snapshots).
+    path: PathBuf,
     avail_features: u64,
     config: [u8; CONFIG_SPACE_SIZE],
 }
@@ -144,6 +150,7 @@ impl Block {
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
 
         Ok(Self {
+            path: opts.path,
             disk: Disk {
                 file,
                 size,
@@ -228,6 +235,65 @@ impl VirtioDevice for Block {
     fn process_queue(&mut self, active: &mut Active, index: usize, _: &mut dyn Sources) -> bool {
         let disk = &self.disk;
         active.drain(index, |chain, mem| handle_chain(chain, mem, disk))
+    }
+
+    fn save_state(&self) -> Result<Option<serde_json::Value>, state::Error> {
+        serde_json::to_value(self.snapshot())
+            .map(Some)
+            .map_err(state::Error::Encode)
+    }
+
+    fn restore_state(&mut self, saved: Option<&serde_json::Value>) -> Result<(), state::Error> {
+        let saved: BlockSnapshot = match saved {
+            Some(v) => BlockSnapshot::deserialize(v).map_err(state::Error::Decode)?,
+            None => {
+                return Err(state::Error::Differs(
+                    "the snapshot does not describe the disk".into(),
+                ))
+            }
+        };
+        let here = self.snapshot();
+        if saved != here {
+            return Err(state::Error::Differs(format!(
+                "the snapshot's disk is {}, the config's {}",
+                saved.describe(),
+                here.describe()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a snapshot records of a drive: which disk it was, to check a
+/// restore reopens the same one. Not its contents: the disk must stay as
+/// it was at the snapshot for the restored guest to find its data.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct BlockSnapshot {
+    /// The path's bytes (a path need not be UTF-8).
+    path: Vec<u8>,
+    size: u64,
+    read_only: bool,
+}
+
+impl BlockSnapshot {
+    fn describe(&self) -> String {
+        let path = Path::new(std::ffi::OsStr::from_bytes(&self.path));
+        let mode = if self.read_only {
+            "read-only"
+        } else {
+            "writable"
+        };
+        format!("{} ({} bytes, {mode})", Quoted(path), self.size)
+    }
+}
+
+impl Block {
+    fn snapshot(&self) -> BlockSnapshot {
+        BlockSnapshot {
+            path: self.path.as_os_str().as_bytes().to_vec(),
+            size: self.disk.size,
+            read_only: self.disk.read_only,
+        }
     }
 }
 

@@ -549,3 +549,60 @@ fn the_image_is_locked_for_the_device_life() {
     drop((reader, reader2));
     Block::new(opts(&img, false, CacheMode::Unsafe)).unwrap();
 }
+
+/// A snapshot records which disk a drive was: a restore reopens the
+/// config's, serves it where the driver was, and refuses another disk.
+#[test]
+fn restore_reopens_the_same_disk_only() {
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::state::Error as StateError;
+
+    let mut s = setup_with(true, CacheMode::Writeback);
+    std::fs::write(
+        &s.img.0,
+        vec![0x5a; usize::try_from(DISK_SECTORS * 512).unwrap()],
+    )
+    .unwrap();
+    assert_eq!(s.io(VIRTIO_BLK_T_IN, 0, BUF, 512, true).0, VIRTIO_BLK_S_OK);
+    let state = s.d.t.lock().unwrap().save_state().unwrap();
+    assert!(state.device.is_some());
+
+    let restore = |path: &TempImage, state: &crate::devices::virtio::state::TransportState| {
+        let dev = slot(Block::new(opts(path, true, CacheMode::Writeback)).unwrap());
+        let mut t = MmioTransport::new(dev.clone(), s.d.mem.clone()).unwrap();
+        t.restore_state(state).map(|()| (dev, t))
+    };
+    let other = TempImage::new(DISK_SECTORS * 512);
+    match restore(&other, &state) {
+        Err(StateError::Differs(why)) => {
+            assert!(why.contains(&*other.0.to_string_lossy()), "{why}")
+        }
+        r => panic!("another disk accepted: {:?}", r.err()),
+    }
+    let mut no_disk = state.clone();
+    no_disk.device = None;
+    assert!(matches!(
+        restore(&s.img, &no_disk),
+        Err(StateError::Differs(_))
+    ));
+    let mut garbage = state.clone();
+    garbage.device = Some(serde_json::json!([1, 2]));
+    assert!(matches!(
+        restore(&s.img, &garbage),
+        Err(StateError::Decode(_))
+    ));
+
+    let (dev, t) = restore(&s.img, &state).unwrap();
+    s.dev = dev;
+    s.d = Driver::from_transport(
+        std::sync::Arc::new(std::sync::Mutex::new(t)),
+        s.d.mem.clone(),
+    );
+    s.d.set_avail_idx(1);
+    s.d.mem.write_slice(&[0u8; 512], GuestAddress(BUF)).unwrap();
+    assert_eq!(s.io(VIRTIO_BLK_T_IN, 1, BUF, 512, true).0, VIRTIO_BLK_S_OK);
+    let mut back = [0u8; 512];
+    s.d.mem.read_slice(&mut back, GuestAddress(BUF)).unwrap();
+    assert_eq!(back, [0x5a; 512]);
+    assert_eq!(s.d.used_idx(), 2);
+}

@@ -298,6 +298,11 @@ impl VirtioDevice for Fs {
         device_type::FS
     }
 
+    fn save_state(&self) -> Result<Option<serde_json::Value>, super::state::Error> {
+        // fs: its shared folders would have to be attached per run.
+        Err(super::state::Error::Unsupported("fs"))
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         QUEUE_SIZES
     }

@@ -199,6 +199,11 @@ impl VirtioDevice for Vsock {
         device_type::VSOCK
     }
 
+    fn save_state(&self) -> Result<Option<serde_json::Value>, super::state::Error> {
+        // vsock: its transport would have to be reset on restore.
+        Err(super::state::Error::Unsupported("vsock"))
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         QUEUE_SIZES
     }
