@@ -3,9 +3,9 @@
 //! resume; or build the VM from those files instead of booting.
 //!
 //! Virtio devices are saved through their transports
-//! ([`crate::devices::virtio::state`]); vsock and fs devices cannot be yet
-//! (vsock must reset its transport on restore, fs needs its folders chosen
-//! per run), and VMs with them are refused.
+//! ([`crate::devices::virtio::state`]). vsock connections are not kept: a
+//! restored guest gets a transport reset. fs devices cannot be saved yet
+//! (their folders are to be chosen per run), and VMs with them are refused.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,10 +22,6 @@ use super::{Error, Vmm};
 pub(super) fn check_config(config: &VmConfig) -> Result<(), Error> {
     let mut names = Vec::new();
     let mut whys = Vec::new();
-    if config.vsock.is_some() {
-        names.push("vsock");
-        whys.push("vsock must reset its transport on restore");
-    }
     if !config.fs.is_empty() {
         names.push("fs");
         whys.push("fs needs its folders attached per run");

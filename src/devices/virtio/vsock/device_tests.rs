@@ -11,6 +11,7 @@ use super::*;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::device_type;
 use crate::devices::virtio::test_utils::*;
+use crate::devices::virtio::VirtioDevice;
 
 const QSIZE: u16 = 16;
 const HDR_BUF: u64 = 0x2_0000;
@@ -369,4 +370,41 @@ fn transport_reset_event_and_driver_reset_end_connections() {
     g.dev.lock().unwrap().sync_sources(&mut g.poll);
     assert!(closed(&mut host));
     assert_eq!(g.dev.lock().unwrap().device.muxer().connection_count(), 0);
+}
+
+/// A restored vsock keeps its guest CID (another is refused) and tells the
+/// guest its connections are gone once it is active again.
+#[test]
+fn restored_device_sends_a_transport_reset() {
+    let mut g = Guest::new("dev-restore");
+    let saved = g.dev.lock().unwrap().device.save_state().unwrap();
+    assert_eq!(saved, Some(serde_json::json!({ "guest_cid": 3 })));
+
+    let dir = Dir::new("dev-restore-other");
+    let mut other = Vsock::new(&VsockOptions {
+        guest_cid: 4,
+        uds_path: dir.sock(),
+    })
+    .unwrap();
+    let e = other.restore_state(saved.as_ref()).unwrap_err();
+    assert!(
+        e.to_string().contains("guest_cid is 3, the config's 4"),
+        "{e}"
+    );
+    assert!(other.restore_state(None).is_err());
+
+    g.mem
+        .write_obj(0xdead_beefu32, GuestAddress(0x7_0000))
+        .unwrap();
+    g.rings[EVQ].push(&g.mem, &[(0x7_0000, 8, true)]);
+    g.dev
+        .lock()
+        .unwrap()
+        .device
+        .restore_state(saved.as_ref())
+        .unwrap();
+    // What the event loop does once the restored device is active.
+    g.dev.lock().unwrap().sync_sources(&mut g.poll);
+    assert_eq!(g.rings[EVQ].take_used(&g.mem), vec![(0, 4)]);
+    assert_eq!(g.mem.read_obj::<u32>(GuestAddress(0x7_0000)).unwrap(), 0);
 }

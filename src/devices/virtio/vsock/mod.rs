@@ -199,9 +199,38 @@ impl VirtioDevice for Vsock {
         device_type::VSOCK
     }
 
+    /// Connections are not saved (their host sockets belong to the process
+    /// that took the snapshot): a restored device tells the guest with
+    /// TRANSPORT_RESET (§5.10.6.1), as Firecracker does. Its sockets see a
+    /// reset; its listeners stay. The snapshot records the guest's CID, which
+    /// a restore must keep.
     fn save_state(&self) -> Result<Option<serde_json::Value>, super::state::Error> {
-        // vsock: its transport would have to be reset on restore.
-        Err(super::state::Error::Unsupported("vsock"))
+        Ok(Some(
+            serde_json::json!({ "guest_cid": u64::from_le_bytes(self.config) }),
+        ))
+    }
+
+    fn restore_state(
+        &mut self,
+        saved: Option<&serde_json::Value>,
+    ) -> Result<(), super::state::Error> {
+        let saved = saved
+            .and_then(|v| v.get("guest_cid"))
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| {
+                super::state::Error::Differs(
+                    "the snapshot does not give the vsock's guest_cid".into(),
+                )
+            })?;
+        let here = u64::from_le_bytes(self.config);
+        if saved != here {
+            return Err(super::state::Error::Differs(format!(
+                "the snapshot's vsock guest_cid is {saved}, the config's {here}"
+            )));
+        }
+        // Delivered once the restored device is active again.
+        self.reset_event = true;
+        Ok(())
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
