@@ -87,7 +87,7 @@ fn boot_config(cli: &Cli) -> ExitCode {
         None => Vmm::build(&config, console),
     };
     let build = build.and_then(|vmm| match &cli.snapshot_dir {
-        Some(dir) => vmm.with_snapshot_to(&config, snapshot::Paths::new(dir, SNAPSHOT_NAME)),
+        Some(dir) => vmm.with_snapshot_to(snapshot::Paths::new(dir, SNAPSHOT_NAME)),
         None => Ok(vmm),
     });
     let vmm = match build {

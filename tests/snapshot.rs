@@ -169,27 +169,70 @@ fn restores_that_cannot_work_are_refused() {
         "{}",
         text(&out.stderr)
     );
-    // fs devices cannot be snapshotted yet: refused up front.
-    let share = dir.join("share");
-    std::fs::create_dir_all(&share).unwrap();
-    let with_fs = write_vm(
-        &dir,
-        &elf_image(&counting_guest()),
-        1,
-        &format!(
-            r#", "fs": [{{ "tag": "t", "path_on_host": "{}" }}]"#,
-            share.display()
-        ),
-    );
-    for flag in ["--snapshot-dir", "--restore-from"] {
-        let out = run_kiln_args(&with_fs, &[flag, snap_arg]);
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An fs share the guest never mounted is saved as its tag: the restore
+/// serves the folder its own config names (chosen per run); another tag is
+/// refused.
+#[test]
+fn an_unmounted_share_restores_with_another_folder() {
+    let dir = scratch("snapshot-fs");
+    let snap = dir.join("snap");
+    let snap_arg = snap.to_str().unwrap();
+    let vm = |name: &str, tag: &str| {
+        let d = dir.join(name);
+        let share = d.join("share");
+        std::fs::create_dir_all(&share).unwrap();
+        write_vm(
+            &d,
+            &elf_image(&counting_guest()),
+            1,
+            &format!(
+                r#", "fs": [{{ "tag": "{tag}", "path_on_host": "{}" }}]"#,
+                share.display()
+            ),
+        )
+    };
+    let mut original = kiln(&vm("a", "src"), &["--snapshot-dir", snap_arg]);
+    let mut lines = BufReader::new(original.stdout.take().unwrap()).lines();
+    let before = read_counts(&mut lines, 3);
+    let ok = Command::new("kill")
+        .args(["-USR1", &original.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let start = Instant::now();
+    while !snap.join("vm.state").exists() {
         assert!(
-            err.contains("fs devices are not supported yet"),
-            "{flag}: {err}"
+            start.elapsed() < Duration::from_secs(30),
+            "no snapshot written"
         );
+        std::thread::sleep(Duration::from_millis(20));
     }
+    read_counts(&mut lines, 2);
+    drop(lines);
+    stop(original);
+
+    let out = run_kiln_args(&vm("c", "data"), &["--restore-from", snap_arg]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("fs src (virtio type 26)") && err.contains("fs data (virtio type 26)"),
+        "{err}"
+    );
+
+    // Another folder under the same tag.
+    let mut restored = kiln(&vm("b", "src"), &["--restore-from", snap_arg]);
+    let mut lines = BufReader::new(restored.stdout.take().unwrap()).lines();
+    let counts = read_counts(&mut lines, 3);
+    consecutive(&counts);
+    assert!(
+        counts[0] > before[0],
+        "the restored guest started over: {counts:?}"
+    );
+    drop(lines);
+    stop(restored);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

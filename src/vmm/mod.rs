@@ -313,7 +313,6 @@ impl Vmm {
         console: ConsoleIo,
         paths: &crate::snapshot::Paths,
     ) -> Result<Vmm, Error> {
-        snapshot::check_config(config)?;
         let kvm = vm::open_kvm()?;
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)

@@ -4,8 +4,9 @@
 //!
 //! Virtio devices are saved through their transports
 //! ([`crate::devices::virtio::state`]). vsock connections are not kept: a
-//! restored guest gets a transport reset. fs devices cannot be saved yet
-//! (their folders are to be chosen per run), and VMs with them are refused.
+//! restored guest gets a transport reset. An fs share is saved only while
+//! the guest has not mounted it; a restore serves the folder its config
+//! names (chosen per run).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,25 +18,6 @@ use crate::vcpu::{state, Vcpu, VcpuHandle};
 use crate::vm::{self, VmState};
 
 use super::{Error, Vmm};
-
-/// Refuses a config whose devices a snapshot cannot hold yet.
-pub(super) fn check_config(config: &VmConfig) -> Result<(), Error> {
-    let mut names = Vec::new();
-    let mut whys = Vec::new();
-    if !config.fs.is_empty() {
-        names.push("fs");
-        whys.push("fs needs its folders attached per run");
-    }
-    if names.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::SnapshotUnsupported(format!(
-            "snapshots of VMs with {} devices are not supported yet ({})",
-            names.join(" or "),
-            whys.join("; ")
-        )))
-    }
-}
 
 /// The saved state of device `index`, if the snapshot's device there is
 /// the one the config attaches there: `here` is its id, type, MMIO base
@@ -116,10 +98,9 @@ pub(super) fn restore_machine(
 
 impl Vmm {
     /// On SIGUSR1, [`Vmm::run`] pauses the VM, writes a snapshot to
-    /// `paths` and resumes it. Refused for VMs whose devices a snapshot
-    /// cannot hold yet.
-    pub fn with_snapshot_to(mut self, config: &VmConfig, paths: Paths) -> Result<Self, Error> {
-        check_config(config)?;
+    /// `paths` and resumes it (a device that cannot be saved at that moment,
+    /// such as a mounted fs share, fails the snapshot, not the VM).
+    pub fn with_snapshot_to(mut self, paths: Paths) -> Result<Self, Error> {
         if let Some(dir) = paths.state.parent() {
             std::os::unix::fs::DirBuilderExt::mode(
                 std::fs::DirBuilder::new().recursive(true),

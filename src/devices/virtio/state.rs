@@ -89,6 +89,8 @@ pub enum Error {
     Encode(#[source] serde_json::Error),
     #[error("{0}")]
     Differs(String),
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// §3.1.1: the status bits a driver sets, one step at a time and in this

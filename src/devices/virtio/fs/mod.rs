@@ -19,6 +19,7 @@ mod tests;
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -157,6 +158,7 @@ struct Worker {
 /// What the worker owns: the queues taken from the activation and the
 /// eventfds the driver's notifications arrive on.
 struct Queues {
+    used: Arc<AtomicBool>,
     server: Arc<FsServer>,
     mem: GuestMem,
     interrupt: Interrupt,
@@ -174,8 +176,12 @@ impl Queues {
                 continue;
             }
             let server = &self.server;
+            let used = &self.used;
             let cursor = Cursor::new(q, &self.mem, &self.interrupt);
-            more |= cursor.drain(|chain, mem| Outcome::Used(handle_chain(server, chain, mem)));
+            more |= cursor.drain(|chain, mem| {
+                used.store(true, Ordering::SeqCst);
+                Outcome::Used(handle_chain(server, chain, mem))
+            });
         }
         more
     }
@@ -257,6 +263,9 @@ pub struct Fs {
     config: [u8; CONFIG_SPACE_SIZE],
     budget: Arc<FdBudget>,
     worker: Option<Worker>,
+    /// Set once the guest sent a request (a mount starts with FUSE_INIT):
+    /// from then on the server holds state a snapshot cannot.
+    used: Arc<AtomicBool>,
 }
 
 impl Fs {
@@ -277,6 +286,7 @@ impl Fs {
             config,
             budget,
             worker: None,
+            used: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -298,9 +308,37 @@ impl VirtioDevice for Fs {
         device_type::FS
     }
 
+    /// A share the guest never used (not mounted: no FUSE request yet) is
+    /// saved as its tag; a restore serves whatever folder its config names
+    /// under that tag (the folder is chosen per run). A share in use holds
+    /// open files and node IDs in this process: it cannot be saved.
     fn save_state(&self) -> Result<Option<serde_json::Value>, super::state::Error> {
-        // fs: its shared folders would have to be attached per run.
-        Err(super::state::Error::Unsupported("fs"))
+        if self.used.load(Ordering::SeqCst) {
+            return Err(super::state::Error::InUse(format!(
+                "fs {}: the guest has mounted this share, and its open files cannot be saved",
+                self.opts.tag
+            )));
+        }
+        Ok(Some(serde_json::json!({ "tag": self.opts.tag })))
+    }
+
+    fn restore_state(
+        &mut self,
+        saved: Option<&serde_json::Value>,
+    ) -> Result<(), super::state::Error> {
+        let tag = saved
+            .and_then(|v| v.get("tag"))
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| {
+                super::state::Error::Differs("the snapshot does not give the fs tag".into())
+            })?;
+        if tag != self.opts.tag {
+            return Err(super::state::Error::Differs(format!(
+                "the snapshot's fs tag is {tag:?}, the config's {:?}",
+                self.opts.tag
+            )));
+        }
+        Ok(())
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -326,6 +364,7 @@ impl VirtioDevice for Fs {
             }
         };
         let queues = Queues {
+            used: self.used.clone(),
             server,
             mem: active.mem.clone(),
             interrupt: active.interrupt.clone(),

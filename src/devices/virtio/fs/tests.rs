@@ -745,3 +745,42 @@ fn served_as_an_ordinary_user() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A share the guest never used is saved as its tag and restores under the
+/// same tag (whatever folder the restore's config names); a share in use
+/// cannot be saved, saying why.
+#[test]
+fn only_an_unused_share_is_saved() {
+    use crate::devices::virtio::VirtioDevice;
+    use std::sync::atomic::Ordering;
+    let dir = std::env::temp_dir().join(format!("kiln-fs-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let opts = |tag: &str| super::FsOptions {
+        tag: tag.into(),
+        path: dir.clone(),
+        read_only: false,
+    };
+    let fs = super::Fs::new(opts("src"), budget()).unwrap();
+    let saved = fs.save_state().unwrap();
+    assert_eq!(saved, Some(serde_json::json!({ "tag": "src" })));
+    let mut same = super::Fs::new(opts("src"), budget()).unwrap();
+    same.restore_state(saved.as_ref()).unwrap();
+    let mut other = super::Fs::new(opts("data"), budget()).unwrap();
+    let e = other.restore_state(saved.as_ref()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(r#"fs tag is "src", the config's "data""#),
+        "{e}"
+    );
+    assert!(other.restore_state(None).is_err());
+
+    // What the worker sets on the guest's first request (its mount).
+    fs.used.store(true, Ordering::SeqCst);
+    let e = fs.save_state().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("fs src: the guest has mounted this share"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
