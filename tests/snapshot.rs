@@ -500,3 +500,57 @@ fn snapshot_linux_guest_with_devices() {
     stop(restored);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An idle Linux guest (asleep on its LAPIC timer in TSC-deadline mode when
+/// the snapshot is taken, nothing else to wake it) wakes after a restore:
+/// the armed deadline must survive (KVM drops it if written before the
+/// LAPIC state).
+#[test]
+fn an_idle_linux_guest_wakes_after_restore() {
+    require_kvm();
+    let dir = scratch("snapshot-idle");
+    let config = dir.join("vm.json");
+    let cmd = "i=0; while :; do i=$((i+1)); echo TICK $i; sleep 1; done";
+    std::fs::write(&config, initramfs_config(1, cmd, "")).unwrap();
+    let snap = dir.join("snap");
+    let snap_arg = snap.to_str().unwrap();
+    let ticks = |child: &mut Child, n: usize, within: Duration| -> Vec<String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("TICK") && tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (0..n)
+            .map(|_| {
+                rx.recv_timeout(within)
+                    .expect("no TICK in time: the guest is asleep")
+            })
+            .collect()
+    };
+    let mut original = kiln(&config, &["--snapshot-dir", snap_arg]);
+    ticks(&mut original, 2, Duration::from_secs(300));
+    let ok = Command::new("kill")
+        .args(["-USR1", &original.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let start = Instant::now();
+    while !snap.join("vm.state").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no snapshot written"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(original);
+    let mut restored = kiln(&config, &["--restore-from", snap_arg]);
+    let got = ticks(&mut restored, 2, Duration::from_secs(30));
+    assert!(got[0].starts_with("TICK "), "{got:?}");
+    stop(restored);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

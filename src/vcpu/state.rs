@@ -106,6 +106,9 @@ pub fn msr_index_list(kvm: &Kvm) -> Result<Vec<u32>, Error> {
         .to_vec())
 }
 
+/// IA32_TSC_DEADLINE (Intel SDM vol. 4, table 2-2).
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
 /// KVM_GET_MSRS reads at most this many per call.
 const MSR_CHUNK: usize = 128;
 
@@ -194,6 +197,20 @@ impl VcpuState {
             .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic)
             .map_err(kvm_err("KVM_SET_LAPIC"))?;
+        // KVM drops a TSC deadline written while the LAPIC timer is not in
+        // TSC-deadline mode, as it is before KVM_SET_LAPIC: without this
+        // second write a guest sleeping on the timer never wakes.
+        if let Some(&(index, data)) = self.msrs.iter().find(|m| m.0 == MSR_IA32_TSC_DEADLINE) {
+            let msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            }])
+            .map_err(|_| Error::TooMany("MSRs"))?;
+            if vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))? != 1 {
+                return Err(Error::Msr { index });
+            }
+        }
         vcpu.set_mp_state(self.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
         vcpu.set_vcpu_events(&self.events)
