@@ -56,6 +56,11 @@ const SNAPSHOT_NAME: &str = "vm";
 
 /// `kiln --config-file vm.json`.
 fn boot_config(cli: &Cli) -> ExitCode {
+    // A SIGTERM from here on stops the VM in order (exit 130), even one that
+    // comes while it is being built.
+    if let Err(e) = Vmm::hold_stop_signals() {
+        return fail(&error_chain(&e));
+    }
     let Some(config_file) = cli.config_file.as_deref() else {
         return fail("--config-file is required");
     };

@@ -202,6 +202,43 @@ fn an_instruction_kvm_cannot_emulate_ends_the_vm_naming_it() {
     }
 }
 
+/// A SIGTERM that comes while kiln is still starting (before the guest
+/// runs) stops it the documented way, 130, not by the default action
+/// (143, and a terminal left raw).
+#[test]
+fn sigterm_while_starting_exits_130() {
+    use std::process::{Command, Stdio};
+    require_kvm();
+    let dir = scratch("sigterm-early");
+    let code = assemble(|a| {
+        let mut spin = a.create_label();
+        a.set_label(&mut spin).unwrap();
+        a.jmp(spin).unwrap();
+    });
+    let config = write_vm(&dir, &elf_image(&code), 1, "");
+    for delay_ms in [5, 20, 60] {
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--config-file")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "SIGTERM {delay_ms} ms after start: {:?}, stderr: {}",
+            out.status,
+            text(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn sigterm_stops_a_spinning_guest_and_joins_its_vcpus() {
     use std::io::Read;

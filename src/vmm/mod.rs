@@ -301,6 +301,13 @@ pub struct RunOutcome {
 }
 
 impl Vmm {
+    /// Makes SIGTERM, SIGINT and SIGHUP wait until [`Vmm::run`] handles
+    /// them (call it first thing, before building the VM, on the thread
+    /// that will run it).
+    pub fn hold_stop_signals() -> Result<(), Error> {
+        signals::hold_stop_signals()
+    }
+
     pub fn build(config: &VmConfig, console: ConsoleIo) -> Result<Vmm, Error> {
         Self::build_with(config, console, None)
     }

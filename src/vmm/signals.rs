@@ -47,6 +47,24 @@ fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
     set
 }
 
+/// Blocks the stop signals on the calling thread from here on: one that
+/// arrives while the VM is being built waits (kiln neither dies with the
+/// default action, exit 143, nor leaves a terminal in raw mode) and stops
+/// the VM as soon as [`super::Vmm::run`] watches for it.
+pub fn hold_stop_signals() -> Result<(), Error> {
+    let set = signal_set(&STOP_SIGNALS);
+    // SAFETY: `set` is a valid signal set; a null old-set pointer is allowed.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Error::Io {
+            what: "the stop signals",
+            source: std::io::Error::from_raw_os_error(r),
+        })
+    }
+}
+
 /// Blocks `signals` on the calling thread (and so in threads it starts
 /// later) and returns a signalfd that reads them.
 fn signal_fd(signals: &[libc::c_int], what: &'static str) -> Result<OwnedFd, Error> {
