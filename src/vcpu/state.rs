@@ -11,10 +11,12 @@
 //! select modes, the LAPIC before the MP state and events.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, CpuId, Msrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, CpuId,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
+
+use crate::arch::x86_64::regs::msr_list;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,14 +121,8 @@ impl VcpuState {
         let mut rest: &[u32] = msr_indices;
         while !rest.is_empty() {
             let chunk = &rest[..rest.len().min(MSR_CHUNK)];
-            let entries: Vec<kvm_msr_entry> = chunk
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
-            let mut wanted = Msrs::from_entries(&entries).map_err(|_| Error::TooMany("MSRs"))?;
+            let mut wanted =
+                msr_list(chunk.iter().map(|&index| (index, 0))).ok_or(Error::TooMany("MSRs"))?;
             let read = vcpu
                 .get_msrs(&mut wanted)
                 .map_err(kvm_err("KVM_GET_MSRS"))?;
@@ -169,22 +165,7 @@ impl VcpuState {
                 vcpu.set_tsc_khz(khz).map_err(kvm_err("KVM_SET_TSC_KHZ"))?;
             }
         }
-        for chunk in self.msrs.chunks(MSR_CHUNK) {
-            let entries: Vec<kvm_msr_entry> = chunk
-                .iter()
-                .map(|&(index, data)| kvm_msr_entry {
-                    index,
-                    data,
-                    ..Default::default()
-                })
-                .collect();
-            let msrs = Msrs::from_entries(&entries).map_err(|_| Error::TooMany("MSRs"))?;
-            let written = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-            if written != chunk.len() {
-                let index = chunk.get(written).map_or(0, |m| m.0);
-                return Err(Error::Msr { index });
-            }
-        }
+        set_msrs(vcpu, &self.msrs)?;
         vcpu.set_sregs(&self.sregs)
             .map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -200,16 +181,8 @@ impl VcpuState {
         // KVM drops a TSC deadline written while the LAPIC timer is not in
         // TSC-deadline mode, as it is before KVM_SET_LAPIC: without this
         // second write a guest sleeping on the timer never wakes.
-        if let Some(&(index, data)) = self.msrs.iter().find(|m| m.0 == MSR_IA32_TSC_DEADLINE) {
-            let msrs = Msrs::from_entries(&[kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            }])
-            .map_err(|_| Error::TooMany("MSRs"))?;
-            if vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))? != 1 {
-                return Err(Error::Msr { index });
-            }
+        if let Some(&deadline) = self.msrs.iter().find(|m| m.0 == MSR_IA32_TSC_DEADLINE) {
+            set_msrs(vcpu, &[deadline])?;
         }
         vcpu.set_mp_state(self.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
@@ -217,6 +190,20 @@ impl VcpuState {
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
+}
+
+/// Writes `msrs`, as many per KVM_SET_MSRS as it takes; an MSR KVM refuses
+/// is named.
+fn set_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), Error> {
+    for chunk in msrs.chunks(MSR_CHUNK) {
+        let list = msr_list(chunk.iter().copied()).ok_or(Error::TooMany("MSRs"))?;
+        let written = vcpu.set_msrs(&list).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if written != chunk.len() {
+            let index = chunk.get(written).map_or(0, |m| m.0);
+            return Err(Error::Msr { index });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

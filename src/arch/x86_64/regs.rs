@@ -183,17 +183,23 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
     ]
 }
 
-pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
-    let list = boot_msrs();
-    let entries: Vec<kvm_msr_entry> = list
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
+/// KVM's MSR list of `(index, value)` pairs; None when there are more than
+/// a kvm_msrs can hold.
+pub fn msr_list(pairs: impl IntoIterator<Item = (u32, u64)>) -> Option<Msrs> {
+    let entries: Vec<kvm_msr_entry> = pairs
+        .into_iter()
+        .map(|(index, data)| kvm_msr_entry {
             index,
             data,
             ..Default::default()
         })
         .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrList)?;
+    Msrs::from_entries(&entries).ok()
+}
+
+pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
+    let list = boot_msrs();
+    let msrs = msr_list(list.iter().copied()).ok_or(Error::MsrList)?;
     let set = vcpu.set_msrs(&msrs).map_err(Error::SetMsrs)?;
     if set != list.len() {
         return Err(Error::MsrsRefused {
