@@ -105,19 +105,7 @@ fn snapshot_on_sigusr1_then_restore_goes_on() {
     let mut lines = BufReader::new(original.stdout.take().unwrap()).lines();
     let before = read_counts(&mut lines, 5);
     assert_eq!(before[0], 1);
-    let ok = Command::new("kill")
-        .args(["-USR1", &original.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let start = Instant::now();
-    while !snap.join("vm.state").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no snapshot written"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    take_snapshot(&original, &snap);
     // The snapshotted VM goes on.
     let after = read_counts(&mut lines, 5);
     let mut seen = before.clone();
@@ -194,25 +182,7 @@ fn an_unmounted_share_restores_with_another_folder() {
             ),
         )
     };
-    let mut original = kiln(&vm("a", "src"), &["--snapshot-dir", snap_arg]);
-    let mut lines = BufReader::new(original.stdout.take().unwrap()).lines();
-    let before = read_counts(&mut lines, 3);
-    let ok = Command::new("kill")
-        .args(["-USR1", &original.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let start = Instant::now();
-    while !snap.join("vm.state").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no snapshot written"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    read_counts(&mut lines, 2);
-    drop(lines);
-    stop(original);
+    let first = snapshot_counting(&vm("a", "src"), &snap);
 
     let out = run_kiln_args(&vm("c", "data"), &["--restore-from", snap_arg]);
     let err = text(&out.stderr);
@@ -223,16 +193,7 @@ fn an_unmounted_share_restores_with_another_folder() {
     );
 
     // Another folder under the same tag.
-    let mut restored = kiln(&vm("b", "src"), &["--restore-from", snap_arg]);
-    let mut lines = BufReader::new(restored.stdout.take().unwrap()).lines();
-    let counts = read_counts(&mut lines, 3);
-    consecutive(&counts);
-    assert!(
-        counts[0] > before[0],
-        "the restored guest started over: {counts:?}"
-    );
-    drop(lines);
-    stop(restored);
+    restore_goes_on(&vm("b", "src"), &snap, first);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -258,41 +219,14 @@ fn vsock_snapshots_keep_the_guest_cid() {
         )
     };
     let config = vm(3);
-    let mut original = kiln(&config, &["--snapshot-dir", snap_arg]);
-    let mut lines = BufReader::new(original.stdout.take().unwrap()).lines();
-    let before = read_counts(&mut lines, 3);
-    let ok = Command::new("kill")
-        .args(["-USR1", &original.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let start = Instant::now();
-    while !snap.join("vm.state").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no snapshot written"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    read_counts(&mut lines, 2);
-    drop(lines);
-    stop(original);
+    let first = snapshot_counting(&config, &snap);
 
     let out = run_kiln_args(&vm(4), &["--restore-from", snap_arg]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("guest_cid is 3, the config's 4"), "{err}");
 
-    let mut restored = kiln(&config, &["--restore-from", snap_arg]);
-    let mut lines = BufReader::new(restored.stdout.take().unwrap()).lines();
-    let counts = read_counts(&mut lines, 3);
-    consecutive(&counts);
-    assert!(
-        counts[0] > before[0],
-        "the restored guest started over: {counts:?}"
-    );
-    drop(lines);
-    stop(restored);
+    restore_goes_on(&config, &snap, first);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -361,6 +295,34 @@ fn snapshots_hold_the_device_list() {
         "other.img",
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs the counting guest of `config` with `--snapshot-dir snap`, takes a
+/// snapshot after its first counts, lets it go on, stops it; returns its
+/// first count.
+fn snapshot_counting(config: &Path, snap: &Path) -> u32 {
+    let mut original = kiln(config, &["--snapshot-dir", snap.to_str().unwrap()]);
+    let mut lines = BufReader::new(original.stdout.take().unwrap()).lines();
+    let before = read_counts(&mut lines, 3);
+    take_snapshot(&original, snap);
+    read_counts(&mut lines, 2);
+    drop(lines);
+    stop(original);
+    before[0]
+}
+
+/// Restores `snap` with `config`: the guest goes on counting, past `first`.
+fn restore_goes_on(config: &Path, snap: &Path, first: u32) {
+    let mut restored = kiln(config, &["--restore-from", snap.to_str().unwrap()]);
+    let mut lines = BufReader::new(restored.stdout.take().unwrap()).lines();
+    let counts = read_counts(&mut lines, 3);
+    consecutive(&counts);
+    assert!(
+        counts[0] > first,
+        "the restored guest started over: {counts:?}"
+    );
+    drop(lines);
+    stop(restored);
 }
 
 /// Sends SIGUSR1 and waits for the snapshot in `snap`.
@@ -534,19 +496,7 @@ fn an_idle_linux_guest_wakes_after_restore() {
     };
     let mut original = kiln(&config, &["--snapshot-dir", snap_arg]);
     ticks(&mut original, 2, Duration::from_secs(300));
-    let ok = Command::new("kill")
-        .args(["-USR1", &original.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let start = Instant::now();
-    while !snap.join("vm.state").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no snapshot written"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    take_snapshot(&original, &snap);
     stop(original);
     let mut restored = kiln(&config, &["--restore-from", snap_arg]);
     let got = ticks(&mut restored, 2, Duration::from_secs(30));
