@@ -21,16 +21,7 @@ fn scratch(name: &str) -> PathBuf {
 fn snapshot_of_a_guest(dir: &Path) -> (Paths, Guest) {
     let mut g = new_guest();
     g.mem.write_slice(&CODE, GuestAddress(ENTRY)).unwrap();
-    g.vcpu.set_cpuid2(&g.vm.supported_cpuid).unwrap();
-    let mut sregs = g.vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    g.vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = g.vcpu.get_regs().unwrap();
-    regs.rip = ENTRY;
-    regs.rax = 0;
-    regs.rflags = 2;
-    g.vcpu.set_regs(&regs).unwrap();
+    g.start_real_mode();
     for i in 1..=10 {
         assert_eq!(next_out(&mut g.vcpu), i);
     }

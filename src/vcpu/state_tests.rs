@@ -32,16 +32,7 @@ fn vcpu_thread(vm: &Vm) -> (crate::vcpu::VcpuHandle, Arc<[u32]>) {
 #[test]
 fn a_restored_guest_goes_on_where_it_was() {
     let mut a = new_guest();
-    a.vcpu.set_cpuid2(&a.vm.supported_cpuid).unwrap();
-    let mut sregs = a.vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    a.vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = a.vcpu.get_regs().unwrap();
-    regs.rip = ENTRY;
-    regs.rax = 0;
-    regs.rflags = 2;
-    a.vcpu.set_regs(&regs).unwrap();
+    a.start_real_mode();
     for i in 1..=10 {
         assert_eq!(next_out(&mut a.vcpu), i);
     }

@@ -16,6 +16,22 @@ pub struct Guest {
     pub vcpu: VcpuFd,
 }
 
+impl Guest {
+    /// The vCPU with the host's CPUID, in real mode at ENTRY, AX = 0.
+    pub fn start_real_mode(&self) {
+        self.vcpu.set_cpuid2(&self.vm.supported_cpuid).unwrap();
+        let mut sregs = self.vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        self.vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = self.vcpu.get_regs().unwrap();
+        regs.rip = ENTRY;
+        regs.rax = 0;
+        regs.rflags = 2;
+        self.vcpu.set_regs(&regs).unwrap();
+    }
+}
+
 pub fn new_vm() -> (Vm, GuestMemoryMmap) {
     let kvm = open_kvm().expect("these tests need /dev/kvm");
     let vm = Vm::new(kvm, 3).unwrap();
