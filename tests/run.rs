@@ -40,22 +40,7 @@ fn output(mut cmd: Command) -> Output {
 }
 
 fn finish(child: &mut Child) -> Output {
-    let stdout = read_all(child.stdout.take().unwrap());
-    let stderr = read_all(child.stderr.take().unwrap());
-    let Some(status) = wait_timeout(child, RUN_TIMEOUT) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "kiln run did not end within {RUN_TIMEOUT:?}\nstdout: {}\nstderr: {}",
-            text(&stdout.join().unwrap()),
-            text(&stderr.join().unwrap())
-        );
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+    common::finish(child, RUN_TIMEOUT)
 }
 
 fn describe(out: &Output) -> String {

@@ -109,9 +109,16 @@ pub fn run_kiln(config: &Path, timeout: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start kiln");
+    finish(&mut child, timeout)
+}
+
+/// Reads `child`'s piped stdout and stderr while it runs (as a reader that
+/// keeps up would) and waits for it, killing it and failing the test after
+/// `timeout`.
+pub fn finish(child: &mut Child, timeout: Duration) -> Output {
     let stdout = read_all(child.stdout.take().unwrap());
     let stderr = read_all(child.stderr.take().unwrap());
-    let Some(status) = wait_timeout(&mut child, timeout) else {
+    let Some(status) = wait_timeout(child, timeout) else {
         let _ = child.kill();
         let _ = child.wait();
         panic!(
