@@ -9,6 +9,7 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod elf;
 pub mod hostfile;
 pub mod image;
 pub mod loader;

@@ -45,26 +45,8 @@ fn is_static_elf(path: &Path) -> bool {
     let Ok(bytes) = fs::read(path) else {
         return false;
     };
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
-        return false;
-    }
-    let read = |o: usize, n: usize| -> Option<u64> {
-        let s = bytes.get(o..o.checked_add(n)?)?;
-        let mut v = [0u8; 8];
-        v[..n].copy_from_slice(s);
-        Some(u64::from_le_bytes(v))
-    };
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (read(0x20, 8), read(0x36, 2), read(0x38, 2))
-    else {
-        return false;
-    };
-    (0..phnum).all(|i| {
-        let at = phoff
-            .checked_add(i * phentsize)
-            .and_then(|a| usize::try_from(a).ok());
-        // PT_INTERP = 3: a dynamic executable.
-        at.and_then(|a| read(a, 4)) != Some(3)
-    })
+    crate::elf::program_headers(&bytes)
+        .is_some_and(|(headers, _)| headers.iter().all(|h| h.p_type != crate::elf::PT_INTERP))
 }
 
 fn run_tool(cmd: &mut Command) -> Result<(), Error> {

@@ -42,40 +42,13 @@ const CHAR_DEV: u32 = 0o020_600;
 /// kernel code copies at every boot. Anything that is not a 64-bit
 /// little-endian ELF is returned whole.
 fn loadable(mut elf: Vec<u8>) -> Vec<u8> {
-    let u16_at = |b: &[u8], o: usize| {
-        b.get(o..o.checked_add(2)?)
-            .map(|s| u16::from_le_bytes([s[0], s[1]]))
-    };
-    let u64_at = |b: &[u8], o: usize| {
-        b.get(o..o.checked_add(8)?)
-            .and_then(|s| s.try_into().ok())
-            .map(u64::from_le_bytes)
-    };
-    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
-        return elf;
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) =
-        (u64_at(&elf, 0x20), u16_at(&elf, 0x36), u16_at(&elf, 0x38))
-    else {
+    let Some((headers, table_end)) = crate::elf::program_headers(&elf) else {
         return elf;
     };
-    let table = u64::from(phentsize) * u64::from(phnum);
-    let mut end = phoff.saturating_add(table);
-    for i in 0..u64::from(phnum) {
-        let Some(at) = phoff
-            .checked_add(i * u64::from(phentsize))
-            .and_then(|a| usize::try_from(a).ok())
-        else {
-            return elf;
-        };
-        let (Some(offset), Some(filesz)) = (
-            u64_at(&elf, at.saturating_add(8)),
-            u64_at(&elf, at.saturating_add(0x20)),
-        ) else {
-            return elf;
-        };
-        end = end.max(offset.saturating_add(filesz));
-    }
+    let end = headers
+        .iter()
+        .map(|h| h.offset.saturating_add(h.filesz))
+        .fold(table_end, u64::max);
     match usize::try_from(end) {
         Ok(end) if end <= elf.len() => {
             elf.truncate(end);
