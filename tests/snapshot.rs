@@ -365,6 +365,18 @@ impl Console {
         Console(rx, Vec::new())
     }
 
+    /// The next line, within `timeout`.
+    fn line(&mut self, timeout: Duration) -> String {
+        let line = self.0.recv_timeout(timeout).unwrap_or_else(|e| {
+            panic!(
+                "no line within {timeout:?} ({e}); console:\n{}",
+                self.1.join("\n")
+            )
+        });
+        self.1.push(line.clone());
+        line
+    }
+
     /// The next `TICK i b rng disk` line (a restore may start mid-line).
     fn tick(&mut self, timeout: Duration) -> (u32, String, String, String) {
         let deadline = Instant::now() + timeout;
@@ -501,6 +513,152 @@ fn an_idle_linux_guest_wakes_after_restore() {
     let mut restored = kiln(&config, &["--restore-from", snap_arg]);
     let got = ticks(&mut restored, 2, Duration::from_secs(30));
     assert!(got[0].starts_with("TICK "), "{got:?}");
+    stop(restored);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Where the memory guest keeps its 64 MiB, and what it writes there: every
+/// qword the pattern, except the first of each 4 KiB page, its page number.
+const BLOCK: u64 = 0x200_0000;
+const BLOCK_PAGES: u64 = 16384;
+const PATTERN: u64 = 0x5a5a_1234_c3c3_8765;
+
+/// Fills 64 MiB of its memory (BLOCK), says FILLED, then checks three
+/// qwords of every page in a loop, saying OK after each whole pass (BAD,
+/// and stops, at the first difference).
+fn memory_guest() -> Vec<u8> {
+    assemble(|a| {
+        let mut mark = a.create_label();
+        let mut pass = a.create_label();
+        let mut check = a.create_label();
+        let mut bad = a.create_label();
+        let mut delay = a.create_label();
+        let mut filled = a.create_label();
+        let mut ok = a.create_label();
+        let mut bad_msg = a.create_label();
+        let mut halt = a.create_label();
+        let print = |a: &mut CodeAssembler, msg: CodeLabel| {
+            let mut next = a.create_label();
+            let mut done = a.create_label();
+            a.mov(dx, 0x3f8u32).unwrap();
+            a.lea(rsi, ptr(msg)).unwrap();
+            a.set_label(&mut next).unwrap();
+            a.lodsb().unwrap();
+            a.test(al, al).unwrap();
+            a.jz(done).unwrap();
+            a.out(dx, al).unwrap();
+            a.jmp(next).unwrap();
+            a.set_label(&mut done).unwrap();
+            a.nop().unwrap();
+        };
+        a.cld().unwrap();
+        a.mov(rdi, BLOCK).unwrap();
+        a.mov(rcx, BLOCK_PAGES * 512).unwrap();
+        a.mov(rax, PATTERN).unwrap();
+        a.rep().stosq().unwrap();
+        a.xor(ebx, ebx).unwrap();
+        a.mov(rdi, BLOCK).unwrap();
+        a.set_label(&mut mark).unwrap();
+        a.mov(qword_ptr(rdi), rbx).unwrap();
+        a.add(rdi, 4096i32).unwrap();
+        a.inc(rbx).unwrap();
+        a.cmp(rbx, BLOCK_PAGES as i32).unwrap();
+        a.jne(mark).unwrap();
+        print(a, filled);
+        a.set_label(&mut pass).unwrap();
+        a.xor(ebx, ebx).unwrap();
+        a.mov(rdi, BLOCK).unwrap();
+        a.mov(rax, PATTERN).unwrap();
+        a.set_label(&mut check).unwrap();
+        a.cmp(qword_ptr(rdi), rbx).unwrap();
+        a.jne(bad).unwrap();
+        a.cmp(qword_ptr(rdi + 8), rax).unwrap();
+        a.jne(bad).unwrap();
+        a.cmp(qword_ptr(rdi + 4088), rax).unwrap();
+        a.jne(bad).unwrap();
+        a.add(rdi, 4096i32).unwrap();
+        a.inc(rbx).unwrap();
+        a.cmp(rbx, BLOCK_PAGES as i32).unwrap();
+        a.jne(check).unwrap();
+        print(a, ok);
+        a.mov(ecx, 200_000u32).unwrap();
+        a.set_label(&mut delay).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(delay).unwrap();
+        a.jmp(pass).unwrap();
+        a.set_label(&mut bad).unwrap();
+        print(a, bad_msg);
+        a.set_label(&mut halt).unwrap();
+        a.hlt().unwrap();
+        a.jmp(halt).unwrap();
+        a.set_label(&mut filled).unwrap();
+        a.db(b"FILLED\n\0").unwrap();
+        a.set_label(&mut ok).unwrap();
+        a.db(b"OK\n\0").unwrap();
+        a.set_label(&mut bad_msg).unwrap();
+        a.db(b"BAD\n\0").unwrap();
+    })
+}
+
+/// 64 MiB the guest wrote before the snapshot are in the memory file,
+/// byte for byte, and read back the same in the restored guest.
+#[test]
+fn sixty_four_mib_written_before_a_snapshot_read_back_after_it() {
+    let dir = scratch("snapshot-64mib");
+    let kernel = dir.join("kernel.elf");
+    std::fs::write(&kernel, elf_image(&memory_guest())).unwrap();
+    let config = dir.join("vm.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{ "boot-source": {{ "kernel_image_path": "{}" }},
+  "machine-config": {{ "vcpu_count": 1, "mem_size_mib": 128 }} }}"#,
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    let snap = dir.join("snap");
+    let snap_arg = snap.to_str().unwrap();
+    let wait_for = |console: &mut Console, want: &str, within: Duration| {
+        let start = Instant::now();
+        loop {
+            let line = console.line(within.saturating_sub(start.elapsed()));
+            assert!(!line.ends_with("BAD"), "the guest's memory changed");
+            if line.ends_with(want) {
+                return;
+            }
+        }
+    };
+
+    let mut original = kiln(&config, &["--snapshot-dir", snap_arg]);
+    let mut console = Console::of(&mut original);
+    wait_for(&mut console, "FILLED", Duration::from_secs(300));
+    wait_for(&mut console, "OK", Duration::from_secs(60));
+    take_snapshot(&original, &snap);
+    wait_for(&mut console, "OK", Duration::from_secs(60));
+    stop(original);
+
+    let mem = std::fs::read(snap.join("vm.mem")).unwrap();
+    assert_eq!(mem.len(), 128 << 20);
+    let block = &mem[BLOCK as usize..(BLOCK + BLOCK_PAGES * 4096) as usize];
+    for (i, q) in block.chunks_exact(8).enumerate() {
+        let want = if i % 512 == 0 {
+            i as u64 / 512
+        } else {
+            PATTERN
+        };
+        assert_eq!(
+            u64::from_le_bytes(q.try_into().unwrap()),
+            want,
+            "memory file, qword {i} of the block"
+        );
+    }
+    drop(mem);
+
+    let mut restored = kiln(&config, &["--restore-from", snap_arg]);
+    let mut console = Console::of(&mut restored);
+    wait_for(&mut console, "OK", Duration::from_secs(60));
+    wait_for(&mut console, "OK", Duration::from_secs(60));
     stop(restored);
     std::fs::remove_dir_all(&dir).unwrap();
 }

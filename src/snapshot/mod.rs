@@ -21,7 +21,7 @@
 //! file that is not complete.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -39,6 +39,8 @@ const MAGIC: &[u8; 8] = b"KILNSNAP";
 /// Caps on what a state file may make kiln read.
 const MAX_HEADER: u32 = 64 * 1024;
 const MAX_PAYLOAD: u64 = 64 << 20;
+/// The unit of the memory file's holes.
+const PAGE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -197,20 +199,34 @@ pub fn write(
     supported: &CpuId,
 ) -> Result<(), Error> {
     let mut memory_len = 0u64;
+    // Pages of zeroes are holes: a guest's untouched memory costs neither
+    // disk nor time, and reads back as zeroes.
     write_atomically(&paths.memory, |w| {
         let mut buf = vec![0u8; 1 << 20];
+        let mut zeroes = 0i64;
         for region in mem.iter() {
             let mut at = 0u64;
             while at < region.len() {
                 let n = usize::try_from((region.len() - at).min(buf.len() as u64)).unwrap_or(0);
                 mem.read_slice(&mut buf[..n], GuestAddress(region.start_addr().0 + at))
                     .map_err(io::Error::other)?;
-                w.write_all(&buf[..n])?;
+                for page in buf[..n].chunks(PAGE) {
+                    if page.iter().all(|&b| b == 0) {
+                        zeroes += page.len() as i64;
+                        continue;
+                    }
+                    if zeroes > 0 {
+                        w.seek(io::SeekFrom::Current(zeroes))?;
+                        zeroes = 0;
+                    }
+                    w.write_all(page)?;
+                }
                 at += n as u64;
             }
             memory_len += region.len();
         }
-        Ok(())
+        w.flush()?;
+        w.get_ref().set_len(memory_len)
     })?;
     let payload = serde_json::to_vec(state).map_err(Error::Encode)?;
     let header = Header {

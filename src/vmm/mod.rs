@@ -10,6 +10,8 @@ pub mod exit;
 mod signals;
 mod snapshot;
 
+pub use snapshot::Snapshotter;
+
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
@@ -132,6 +134,8 @@ pub enum Error {
     },
     #[error("event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    #[error("the VM is not running")]
+    NotRunning,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -288,6 +292,7 @@ pub struct Vmm {
     mem_size_mib: usize,
     /// Where SIGUSR1 writes a snapshot, if anywhere.
     snapshot_to: Option<crate::snapshot::Paths>,
+    snapshotter: Snapshotter,
 }
 
 /// How a run ended, with what the caller may want to check.
@@ -349,6 +354,9 @@ impl Vmm {
         event_manager.add_subscriber(Arc::new(Mutex::new(signals::ExitWatcher::new(
             exit.clone(),
         ))));
+
+        let snapshotter = Snapshotter::new()?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(snapshotter.watcher())));
 
         let mut io_bus = Bus::new();
         let mut mmio_bus = Bus::new();
@@ -480,6 +488,7 @@ impl Vmm {
             serial,
             mem_size_mib: mc.mem_size_mib,
             snapshot_to: None,
+            snapshotter,
         })
     }
 
@@ -625,16 +634,20 @@ impl Vmm {
                     .report(ExitReason::VmmError(format!("event loop failed: {e:?}")));
                 loop_error = Some(e);
             }
-            if snapshot_asked
-                .as_ref()
-                .is_some_and(|a| a.swap(false, std::sync::atomic::Ordering::SeqCst))
-            {
-                // The event loop (this thread) stands still meanwhile.
-                if let Err(e) = self.take_snapshot(&handles) {
-                    log::error!("snapshot failed: {}", crate::error_chain(&e));
+            // The event loop (this thread) stands still during a snapshot.
+            if let (Some(asked), Some(paths)) = (&snapshot_asked, &self.snapshot_to) {
+                if asked.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    if let Err(e) = self.take_snapshot(&handles, paths) {
+                        log::error!("snapshot failed: {}", crate::error_chain(&e));
+                    }
                 }
             }
+            for request in self.snapshotter.pending() {
+                let outcome = self.take_snapshot(&handles, &request.paths);
+                let _ = request.reply.send(outcome);
+            }
         }
+        self.snapshotter.close();
         for h in &handles {
             h.kick();
         }

@@ -8,8 +8,12 @@
 //! the guest has not mounted it; a restore serves the folder its config
 //! names (chosen per run).
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
 use crate::devices::bus;
@@ -96,7 +100,90 @@ pub(super) fn restore_machine(
     Ok(())
 }
 
+/// A snapshot asked for from another thread, and where its outcome goes.
+pub(super) struct Request {
+    pub paths: Paths,
+    pub reply: mpsc::Sender<Result<(), Error>>,
+}
+
+/// Asks a running [`Vmm`] for snapshots from another thread (`kiln run`
+/// makes its templates so). Each is taken between two rounds of the event
+/// loop, like SIGUSR1's.
+#[derive(Clone)]
+pub struct Snapshotter {
+    /// None once the VM has ended.
+    queue: Arc<Mutex<Option<Vec<Request>>>>,
+    wake: Arc<EventFd>,
+}
+
+impl Snapshotter {
+    pub(super) fn new() -> Result<Self, Error> {
+        Ok(Snapshotter {
+            queue: Arc::new(Mutex::new(Some(Vec::new()))),
+            wake: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
+                what: "the snapshot request event",
+                source,
+            })?),
+        })
+    }
+
+    /// Pauses the VM, writes a snapshot to `paths` (its directory must
+    /// exist) and resumes the VM; returns once the files are written.
+    pub fn take(&self, paths: Paths) -> Result<(), Error> {
+        let (reply, outcome) = mpsc::channel();
+        match bus::lock(&self.queue).as_mut() {
+            Some(q) => q.push(Request { paths, reply }),
+            None => return Err(Error::NotRunning),
+        }
+        self.wake.write(1).map_err(|source| Error::Io {
+            what: "the snapshot request event",
+            source,
+        })?;
+        // The VMM answers every request, or drops it when the VM ends.
+        outcome.recv().map_err(|_| Error::NotRunning)?
+    }
+
+    /// The requests waiting.
+    pub(super) fn pending(&self) -> Vec<Request> {
+        bus::lock(&self.queue)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// The VM has ended: drops waiting requests (their callers get
+    /// [`Error::NotRunning`]) and refuses new ones.
+    pub(super) fn close(&self) {
+        bus::lock(&self.queue).take();
+    }
+
+    /// The event-loop subscriber that wakes the loop for a request.
+    pub(super) fn watcher(&self) -> RequestWatcher {
+        RequestWatcher(self.wake.clone())
+    }
+}
+
+/// Drains the request event so the loop wakes up and serves the requests.
+pub(super) struct RequestWatcher(Arc<EventFd>);
+
+impl MutEventSubscriber for RequestWatcher {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.as_ref(), EventSet::IN)) {
+            log::error!("cannot watch snapshot requests: {e:?}");
+        }
+    }
+}
+
 impl Vmm {
+    /// A handle to take snapshots of this VM while it runs.
+    pub fn snapshotter(&self) -> Snapshotter {
+        self.snapshotter.clone()
+    }
+
     /// On SIGUSR1, [`Vmm::run`] pauses the VM, writes a snapshot to
     /// `paths` and resumes it (a device that cannot be saved at that moment,
     /// such as a mounted fs share, fails the snapshot, not the VM).
@@ -118,10 +205,7 @@ impl Vmm {
 
     /// Pauses every vCPU, writes the snapshot, resumes them (also when
     /// writing fails).
-    pub(super) fn take_snapshot(&self, handles: &[VcpuHandle]) -> Result<(), Error> {
-        let Some(paths) = &self.snapshot_to else {
-            return Ok(());
-        };
+    pub(super) fn take_snapshot(&self, handles: &[VcpuHandle], paths: &Paths) -> Result<(), Error> {
         let start = Instant::now();
         let mut paused = 0;
         let mut result = Ok(());
