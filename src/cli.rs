@@ -153,6 +153,18 @@ pub struct RunArgs {
     #[arg(long)]
     pub console: bool,
 
+    /// Boot the guest kernel, even when a template of this VM exists (see
+    /// README, "Templates"). Without it, the first run of a VM (kernel,
+    /// image, --cpus, --memory, number of --mount) boots and saves it as a
+    /// template; later runs restore that in a fraction of the boot time.
+    #[arg(long)]
+    pub cold: bool,
+
+    /// Remove every saved template no running kiln uses (they are in
+    /// ${XDG_CACHE_HOME:-~/.cache}/kiln/templates), then exit.
+    #[arg(long, conflicts_with = "command")]
+    pub prune: bool,
+
     /// The command and its arguments.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

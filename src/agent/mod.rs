@@ -1,16 +1,20 @@
 //! kiln's guest agent, PID 1 of the initramfs `kiln run` boots.
 //!
 //! 1. mounts /proc, /sys and /dev (devtmpfs);
-//! 2. connects to the host over vsock ([`crate::protocol`]), says Hello and
-//!    receives what to run ([`ExecSpec`]);
-//! 3. builds the command's root: the image's block device read-only under a
-//!    tmpfs overlay (what the command writes to / is gone after the run),
-//!    with /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp and the shared folders
-//!    (virtio-fs) mounted in it; sets the hostname; moves into it (chroot);
-//! 4. starts the command (on a pseudo-terminal or pipes, in its own session
+//! 2. connects to the host over vsock ([`crate::protocol`]) and says Hello;
+//! 3. on `Prepare`, builds the command's root: the image's block device
+//!    read-only under a tmpfs overlay (what the command writes to / is gone
+//!    after the run), with /proc, /sys, /dev, /dev/pts, /dev/shm and /tmp
+//!    mounted in it, and moves into it (chroot); says Ready. Here the host
+//!    may snapshot the VM as a template; a VM restored from it wakes up
+//!    here, connects again and says Hello again;
+//! 4. on `Resume`, sets the clock and reseeds the kernel's RNG from the
+//!    host; on `Exec` ([`crate::protocol::ExecSpec`]), mounts the shared
+//!    folders (virtio-fs) and sets the hostname;
+//! 5. starts the command (on a pseudo-terminal or pipes, in its own session
 //!    and process group, as the requested user), streams its output, feeds
 //!    its stdin, forwards signals and terminal sizes ([`session`]);
-//! 5. when the command exits, kills what it left behind, reports the exit
+//! 6. when the command exits, kills what it left behind, reports the exit
 //!    status after all output, and powers the VM off.
 //!
 //! As PID 1 it also reaps every orphan. Anything that goes wrong is
@@ -27,7 +31,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
-use crate::protocol::{self, ExecSpec, Msg, AGENT_PORT, VERSION};
+use crate::protocol::{self, Msg, AGENT_PORT, VERSION};
 
 /// The host's vsock address.
 const HOST_CID: u32 = 2;
@@ -91,29 +95,99 @@ fn connect() -> Result<UnixStream, Error> {
     Ok(UnixStream::from(fd))
 }
 
-/// Hello, Exec, the command's life.
-fn serve(mut stream: UnixStream, started_ms: u32) -> Result<(), Error> {
+/// How long a restored agent tries to reach the host again.
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Hello both ways.
+fn hello(stream: &mut UnixStream, started_ms: u32) -> Result<(), Error> {
     let hello = Msg::AgentHello {
         version: VERSION,
         started_ms,
         hello_ms: sys::uptime_ms(),
     };
-    protocol::write_msg(&mut stream, &hello)?;
-    match protocol::read_msg(&mut stream)? {
-        Some(Msg::HostHello { version }) if version == VERSION => {}
-        Some(Msg::HostHello { version }) => return Err(Error::Version { host: version }),
-        Some(m) => return Err(Error::Unexpected(format!("{m:?}"), "Hello")),
-        None => return Err(Error::HostGone),
+    protocol::write_msg(stream, &hello)?;
+    match protocol::read_msg(stream)? {
+        Some(Msg::HostHello { version }) if version == VERSION => Ok(()),
+        Some(Msg::HostHello { version }) => Err(Error::Version { host: version }),
+        Some(m) => Err(Error::Unexpected(format!("{m:?}"), "Hello")),
+        None => Err(Error::HostGone),
     }
-    let spec: ExecSpec = match protocol::read_msg(&mut stream)? {
-        Some(Msg::Exec(spec)) => *spec,
-        Some(m) => return Err(Error::Unexpected(format!("{m:?}"), "Exec")),
-        None => return Err(Error::HostGone),
-    };
-    if let Err(e) = setup::enter_root(&spec) {
-        let message = crate::error_chain(&e);
-        protocol::write_msg(&mut stream, &Msg::Failed { code: 125, message })?;
-        return Ok(());
+}
+
+/// Connects again after a restore broke the connection (its vsock
+/// transport was reset).
+fn reconnect() -> Result<UnixStream, Error> {
+    let start = std::time::Instant::now();
+    loop {
+        match connect() {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() > RECONNECT_FOR => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
     }
-    session::run(stream, &spec)
+}
+
+/// Reports a failure to set the run up (exit code 125).
+fn fail(stream: &mut UnixStream, e: &Error) -> Result<(), Error> {
+    let message = crate::error_chain(e);
+    protocol::write_msg(stream, &Msg::Failed { code: 125, message })?;
+    Ok(())
+}
+
+/// Hello, Prepare, Resume and Exec (see the order in [`crate::protocol`]),
+/// then the command's life.
+fn serve(mut stream: UnixStream, started_ms: u32) -> Result<(), Error> {
+    hello(&mut stream, started_ms)?;
+    let mut prepared = false;
+    loop {
+        let msg = match protocol::read_msg(&mut stream) {
+            Ok(Some(m)) => m,
+            // Restored from a template: the wait after Ready ends with the
+            // connection's reset.
+            Ok(None) | Err(protocol::Error::Io(_)) if prepared => {
+                stream = reconnect()?;
+                hello(&mut stream, started_ms)?;
+                continue;
+            }
+            Ok(None) => return Err(Error::HostGone),
+            Err(e) => return Err(e.into()),
+        };
+        match msg {
+            Msg::Prepare { root_device } if !prepared => {
+                if let Err(e) = setup::enter_root(&root_device) {
+                    return fail(&mut stream, &e);
+                }
+                prepared = true;
+                protocol::write_msg(&mut stream, &Msg::Ready)?;
+            }
+            Msg::Resume { unix_ns, entropy } => {
+                let resumed = sys::set_clock(unix_ns)
+                    .map_err(|source| Error::Setup {
+                        what: "setting the clock".into(),
+                        source,
+                    })
+                    .and_then(|()| {
+                        sys::reseed_rng(&entropy).map_err(|source| Error::Setup {
+                            what: "reseeding the kernel's random number generator".into(),
+                            source,
+                        })
+                    });
+                if let Err(e) = resumed {
+                    return fail(&mut stream, &e);
+                }
+            }
+            Msg::Exec(spec) if prepared => {
+                if let Err(e) = setup::per_run(&spec) {
+                    return fail(&mut stream, &e);
+                }
+                return session::run(stream, &spec);
+            }
+            m => {
+                return Err(Error::Unexpected(
+                    format!("{m:?}"),
+                    "Prepare, Resume or Exec",
+                ))
+            }
+        }
+    }
 }

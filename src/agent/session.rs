@@ -103,6 +103,35 @@ type Spawned = (
     Option<RawFd>,
 );
 
+/// `name` looked up as execvp(3) does: with a slash, as it is; else the
+/// first executable regular file of that name in `path`'s directories
+/// (PermissionDenied if only non-executable ones exist).
+fn find_program(name: &str, path: Option<&str>) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if name.contains('/') {
+        return Ok(name.into());
+    }
+    if name.is_empty() {
+        return Err(ErrorKind::NotFound.into());
+    }
+    let mut denied = false;
+    for dir in path.unwrap_or("/usr/local/bin:/usr/bin:/bin").split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let candidate = std::path::Path::new(dir).join(name);
+        match std::fs::metadata(&candidate) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(candidate),
+            Ok(m) if m.is_file() => denied = true,
+            _ => {}
+        }
+    }
+    Err(if denied {
+        ErrorKind::PermissionDenied
+    } else {
+        ErrorKind::NotFound
+    }
+    .into())
+}
+
 fn spawn(spec: &ExecSpec) -> Result<Spawned, Spawn> {
     let (argv0, args) = spec
         .argv
@@ -111,8 +140,6 @@ fn spawn(spec: &ExecSpec) -> Result<Spawned, Spawn> {
     // As `docker run --workdir`: made if missing (in the overlay).
     std::fs::create_dir_all(&spec.cwd)
         .map_err(|e| Spawn::User(format!("working directory {}: {e}", spec.cwd)))?;
-    let mut cmd = Command::new(argv0);
-    cmd.args(args).env_clear().current_dir(&spec.cwd);
     let mut env: Vec<(String, String)> = spec
         .env
         .iter()
@@ -128,10 +155,33 @@ fn spawn(spec: &ExecSpec) -> Result<Spawned, Spawn> {
             env.push(("GLIBC_TUNABLES".into(), t));
         }
     }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str());
+    let program = find_program(argv0, path).map_err(|e| {
+        let why = match e.kind() {
+            ErrorKind::NotFound => "command not found".to_string(),
+            ErrorKind::PermissionDenied => "permission denied (not executable?)".to_string(),
+            _ => e.to_string(),
+        };
+        Spawn::Io(format!("{argv0}: {why}"), e)
+    })?;
+    let mut cmd = Command::new(program);
+    // The agent moves to the working directory itself: the command
+    // inherits it (std's own chdir for the child needs a glibc function
+    // a static agent cannot find, and then falls back to fork).
+    std::env::set_current_dir(&spec.cwd)
+        .map_err(|e| Spawn::User(format!("working directory {}: {e}", spec.cwd)))?;
+    cmd.arg0(argv0).args(args).env_clear();
     let mut uid = 0;
     if let Some(user) = &spec.user {
         let (u, g) = setup::resolve_user(user).map_err(|e| Spawn::User(e.to_string()))?;
-        cmd.uid(u).gid(g);
+        // Root needs no change (and without one the command is started
+        // with vfork, not fork: see below).
+        if (u, g) != (0, 0) {
+            cmd.uid(u).gid(g);
+        }
         uid = u;
     }
     if !env.iter().any(|(k, _)| k == "HOME") {
@@ -173,10 +223,18 @@ fn spawn(spec: &ExecSpec) -> Result<Spawned, Spawn> {
         });
         (Vec::new(), None, None)
     };
-    // SAFETY: the closure only makes async-signal-safe system calls
-    // (setsid, ioctl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || sys::new_session(tty));
+    if tty {
+        // SAFETY: the closure only makes async-signal-safe system calls
+        // (setsid, ioctl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || sys::new_session(tty));
+        }
+    } else {
+        // Its own process group (for signals). Without a closure, a uid
+        // change or a PATH search left to it, std starts the command with
+        // posix_spawn (vfork): no copy of the agent's page tables, which
+        // costs most of a start where guest kernel code is slow.
+        cmd.process_group(0);
     }
     let mut child = cmd.spawn().map_err(|e| {
         let why = match e.kind() {

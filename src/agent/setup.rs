@@ -1,6 +1,6 @@
 //! The agent's mounts and the command's root.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{sys, Error};
 use crate::protocol::ExecSpec;
@@ -57,24 +57,25 @@ pub fn early_mounts() -> Result<(), Error> {
     Ok(())
 }
 
-/// `path` (absolute, in the command's root) under ROOT, refusing `..`.
-fn in_root(path: &str) -> Result<PathBuf, Error> {
+/// `path` as an absolute path without `..`.
+fn checked(path: &str) -> Result<&Path, Error> {
     let p = Path::new(path);
     if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
         return Err(Error::User(format!(
             "{path:?} is not an absolute path without .."
         )));
     }
-    Ok(Path::new(ROOT).join(p.strip_prefix("/").unwrap_or(p)))
+    Ok(p)
 }
 
-/// Builds the command's root and moves into it.
-pub fn enter_root(spec: &ExecSpec) -> Result<(), Error> {
+/// Builds the command's root from the image on `root_device` and moves into
+/// it: what every run shares, so a template holds it.
+pub fn enter_root(root_device: &str) -> Result<(), Error> {
     let (lower, rw, root) = (Path::new(LOWER), Path::new(RW), Path::new(ROOT));
     for d in [lower, rw, root] {
         mkdir_p(d)?;
     }
-    mount(&spec.root_device, lower, "ext4", libc::MS_RDONLY, None)?;
+    mount(root_device, lower, "ext4", libc::MS_RDONLY, None)?;
     mount(
         "tmpfs",
         rw,
@@ -127,13 +128,42 @@ pub fn enter_root(spec: &ExecSpec) -> Result<(), Error> {
         what: "linking /dev/ptmx".into(),
         source,
     })?;
+    sys::chroot(root).map_err(|source| Error::Setup {
+        what: "entering the image's root".into(),
+        source,
+    })?;
+    warm_up();
+    Ok(())
+}
+
+/// Runs the image's shell once, so that it, its libraries and the
+/// directories on the way are in the page cache: in a template, every run
+/// restored from it then starts commands without reading them from the
+/// disk. An image without /bin/sh is left as it is.
+fn warm_up() {
+    let _ = std::process::Command::new("/bin/sh")
+        .args(["-c", "true"])
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// What is the run's own, in the root [`enter_root`] entered: the shared
+/// folders (virtio-fs) and the hostname.
+pub fn per_run(spec: &ExecSpec) -> Result<(), Error> {
     for m in &spec.mounts {
-        let target = in_root(&m.path)?;
-        mkdir_p(&target)?;
+        let target = checked(&m.path)?;
+        mkdir_p(target)?;
         let flags = if m.read_only { libc::MS_RDONLY } else { 0 };
         mount(
             &m.tag,
-            &target,
+            target,
             "virtiofs",
             flags | libc::MS_NOSUID | libc::MS_NODEV,
             None,
@@ -141,12 +171,6 @@ pub fn enter_root(spec: &ExecSpec) -> Result<(), Error> {
     }
     sys::sethostname(&spec.hostname).map_err(|source| Error::Setup {
         what: "setting the hostname".into(),
-        source,
-    })?;
-    let cwd = in_root(&spec.cwd)?;
-    mkdir_p(&cwd)?;
-    sys::chroot(root).map_err(|source| Error::Setup {
-        what: "entering the image's root".into(),
         source,
     })
 }

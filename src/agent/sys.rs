@@ -1,5 +1,6 @@
 //! The system calls the agent needs and std does not offer: mounts, chroot,
-//! the hostname, vsock, pseudo-terminals, signals, reboot. Each wrapper
+//! the hostname, vsock, pseudo-terminals, signals, the clock, the kernel
+//! RNG, reboot. Each wrapper
 //! checks its result and returns an `io::Error`.
 
 use std::ffi::{CString, OsStr};
@@ -55,6 +56,44 @@ pub fn chroot(dir: &Path) -> io::Result<()> {
     // SAFETY: `d` is a valid NUL-terminated path.
     check(unsafe { libc::chroot(d.as_ptr()) })?;
     std::env::set_current_dir("/")
+}
+
+/// Sets the wall clock (CLOCK_REALTIME) to `unix_ns`.
+pub fn set_clock(unix_ns: u64) -> io::Result<()> {
+    let invalid = || io::Error::from(io::ErrorKind::InvalidInput);
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(unix_ns / 1_000_000_000).map_err(|_| invalid())?,
+        tv_nsec: libc::c_long::try_from(unix_ns % 1_000_000_000).map_err(|_| invalid())?,
+    };
+    // SAFETY: `ts` is a valid timespec that lives across the call.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)
+}
+
+/// `RNDADDENTROPY` and `RNDRESEEDCRNG` (linux/random.h).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes `entropy` into the kernel's input pool, credited, and makes the
+/// kernel reseed its CRNG from it now: what `/dev/urandom` and
+/// `getrandom` return from here on depends on these bytes.
+pub fn reseed_rng(entropy: &[u8]) -> io::Result<()> {
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+    let count = libc::c_int::try_from(entropy.len() * 8)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let size = libc::c_int::try_from(entropy.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    info.extend_from_slice(&count.to_ne_bytes());
+    info.extend_from_slice(&size.to_ne_bytes());
+    info.extend_from_slice(entropy);
+    // SAFETY: `info` is a rand_pool_info whose buf_size bytes follow its
+    // header, alive across the call; the kernel only reads it.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) })?;
+    // SAFETY: an ioctl without an argument on a valid fd.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) }).map(drop)
 }
 
 pub fn sethostname(name: &str) -> io::Result<()> {

@@ -35,15 +35,36 @@
 //! - `Failed { code, message }` (7): the command could not start; u8 code
 //!   (126: not executable, 127: not found, 125: anything else) and UTF-8
 //!   text.
+//! - `Ready` (8): the answer to `Prepare`: the command's root is built; the
+//!   agent waits for `Resume`. Empty.
 //!
 //! Host to agent:
 //! - `Hello { version }` (16): the answer to the agent's.
-//! - `Exec(spec)` (17): what to run, [`ExecSpec`] as JSON.
+//! - `Exec(spec)` (17): what to run, [`ExecSpec`] as JSON; after `Resume`.
 //! - `Stdin(bytes)` (18): for the command's stdin, at most [`MAX_DATA`].
 //! - `StdinEof` (19): close the command's stdin.
 //! - `Signal { signo }` (20): le32; the agent signals the command's process
 //!   group.
 //! - `Resize { rows, cols }` (21): le16 rows, le16 cols of the terminal.
+//! - `Prepare { root_device }` (22): build the command's root from the image
+//!   on that block device (UTF-8, at most [`MAX_NAME`] bytes) and answer
+//!   `Ready`. Only on a freshly booted guest.
+//! - `Resume { unix_ns, entropy }` (23): le64 host wall-clock time in ns
+//!   since the epoch, then [`ENTROPY_MIN`] to [`ENTROPY_MAX`] bytes of host
+//!   entropy: the agent sets the guest's clock and reseeds its kernel RNG
+//!   before anything of the run's starts.
+//!
+//! # Order and warm starts
+//! ```text
+//! agent: Hello          host: Hello, Prepare
+//! agent: Ready          (the host may snapshot the VM here: a template)
+//!                       host: Resume, Exec
+//! ```
+//! A VM restored from a template resumes inside the agent's wait after
+//! `Ready`; its vsock transport is reset, which breaks the connection. An
+//! agent that has sent `Ready` and loses its connection before `Exec`
+//! connects again and says Hello again; the host answers Hello, Resume,
+//! Exec. So the clock and the RNG of every restored guest are its own.
 //!
 //! # Flow control
 //! Output: the agent reads the command's output only as fast as the host
@@ -55,7 +76,7 @@
 //! still receives `Signal`).
 //!
 //! # Versions
-//! [`VERSION`] is 1. Each side sends its version in `Hello`; a host and an
+//! [`VERSION`] is 2 (1 had no Prepare, Ready or Resume). Each side sends its version in `Hello`; a host and an
 //! agent with different versions refuse each other, naming both.
 
 use std::io::{self, Read, Write};
@@ -63,7 +84,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The vsock port the agent connects to on the host.
 pub const AGENT_PORT: u32 = 1024;
 /// Largest frame (`len`): an `Exec` with a big environment fits.
@@ -72,6 +93,11 @@ pub const MAX_FRAME: u32 = 1 << 20;
 pub const MAX_DATA: usize = 64 * 1024;
 /// Stdin bytes the host may have in flight.
 pub const STDIN_WINDOW: u32 = 256 * 1024;
+/// Longest `Prepare` device name.
+pub const MAX_NAME: usize = 256;
+/// Bounds on `Resume`'s entropy.
+pub const ENTROPY_MIN: usize = 32;
+pub const ENTROPY_MAX: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -125,9 +151,6 @@ pub struct ExecSpec {
     /// Forward stdin (else the command's stdin is /dev/null).
     pub stdin: bool,
     pub mounts: Vec<Mount>,
-    /// The root: the block device holding the image (read-only, under a
-    /// tmpfs overlay).
-    pub root_device: String,
 }
 
 /// One message, either way.
@@ -149,6 +172,7 @@ pub enum Msg {
         code: u8,
         message: String,
     },
+    Ready,
     HostHello {
         version: u32,
     },
@@ -162,6 +186,15 @@ pub enum Msg {
         rows: u16,
         cols: u16,
     },
+    /// The root: the block device holding the image (read-only, under a
+    /// tmpfs overlay).
+    Prepare {
+        root_device: String,
+    },
+    Resume {
+        unix_ns: u64,
+        entropy: Vec<u8>,
+    },
 }
 
 mod kind {
@@ -172,12 +205,15 @@ mod kind {
     pub const STDIN_CONSUMED: u8 = 5;
     pub const EXITED: u8 = 6;
     pub const FAILED: u8 = 7;
+    pub const READY: u8 = 8;
     pub const HOST_HELLO: u8 = 16;
     pub const EXEC: u8 = 17;
     pub const STDIN: u8 = 18;
     pub const STDIN_EOF: u8 = 19;
     pub const SIGNAL: u8 = 20;
     pub const RESIZE: u8 = 21;
+    pub const PREPARE: u8 = 22;
+    pub const RESUME: u8 = 23;
 }
 
 fn le32(p: &[u8], what: &'static str) -> Result<u32, Error> {
@@ -221,6 +257,7 @@ impl Msg {
                 p.extend_from_slice(message.as_bytes());
                 (kind::FAILED, p)
             }
+            Msg::Ready => (kind::READY, Vec::new()),
             Msg::HostHello { version } => (kind::HOST_HELLO, version.to_le_bytes().to_vec()),
             Msg::Exec(spec) => (
                 kind::EXEC,
@@ -234,6 +271,12 @@ impl Msg {
                 let mut p = rows.to_le_bytes().to_vec();
                 p.extend_from_slice(&cols.to_le_bytes());
                 (kind::RESIZE, p)
+            }
+            Msg::Prepare { root_device } => (kind::PREPARE, root_device.as_bytes().to_vec()),
+            Msg::Resume { unix_ns, entropy } => {
+                let mut p = unix_ns.to_le_bytes().to_vec();
+                p.extend_from_slice(entropy);
+                (kind::RESUME, p)
             }
         };
         let len = u32::try_from(payload.len() + 1).unwrap_or(u32::MAX);
@@ -292,6 +335,7 @@ impl Msg {
                     message: String::from_utf8_lossy(rest).into_owned(),
                 }
             }
+            kind::READY => return empty(Msg::Ready, "Ready"),
             kind::HOST_HELLO => Msg::HostHello {
                 version: le32(p, "Hello")?,
             },
@@ -306,6 +350,26 @@ impl Msg {
                 Msg::Resize {
                     rows: u16::from_le_bytes([b[0], b[1]]),
                     cols: u16::from_le_bytes([b[2], b[3]]),
+                }
+            }
+            kind::PREPARE => {
+                if p.is_empty() || p.len() > MAX_NAME {
+                    return Err(Error::Malformed("Prepare"));
+                }
+                let root_device = std::str::from_utf8(p)
+                    .map_err(|_| Error::Malformed("Prepare"))?
+                    .to_string();
+                Msg::Prepare { root_device }
+            }
+            kind::RESUME => {
+                let (time, entropy) = p.split_at_checked(8).ok_or(Error::Malformed("Resume"))?;
+                if !(ENTROPY_MIN..=ENTROPY_MAX).contains(&entropy.len()) {
+                    return Err(Error::Malformed("Resume"));
+                }
+                let b: [u8; 8] = time.try_into().map_err(|_| Error::Malformed("Resume"))?;
+                Msg::Resume {
+                    unix_ns: u64::from_le_bytes(b),
+                    entropy: entropy.to_vec(),
                 }
             }
             k => return Err(Error::UnknownKind(k)),

@@ -32,7 +32,6 @@ fn all_messages() -> Vec<Msg> {
                 path: "/src".into(),
                 read_only: true,
             }],
-            root_device: "/dev/vda".into(),
         })),
         Msg::Stdin(vec![1; MAX_DATA]),
         Msg::StdinEof,
@@ -40,6 +39,14 @@ fn all_messages() -> Vec<Msg> {
         Msg::Resize {
             rows: 50,
             cols: 132,
+        },
+        Msg::Ready,
+        Msg::Prepare {
+            root_device: "/dev/vda".into(),
+        },
+        Msg::Resume {
+            unix_ns: 1_795_000_000_123_456_789,
+            entropy: vec![0xa5; ENTROPY_MAX],
         },
     ]
 }
@@ -95,6 +102,12 @@ fn hostile_frames_are_errors() {
         frame(1, 7, b""),                     // Failed without a code
         frame(4, 17, b"{x}"),                 // Exec not JSON
         frame(3, 21, b"ab"),                  // Resize short
+        frame(2, 8, b"x"),                    // Ready with a payload
+        frame(1, 22, b""),                    // Prepare without a device
+        frame(3, 22, b"\xff\xfe"),            // Prepare not UTF-8
+        frame(8, 23, b"1234567"),             // Resume without a full time
+        frame(9 + 31, 23, &[0; 8 + 31]),      // Resume, too little entropy
+        frame(9 + 257, 23, &[0; 8 + 257]),    // Resume, too much entropy
     ];
     for (i, bytes) in cases.iter().enumerate() {
         let mut r = bytes.as_slice();
@@ -104,7 +117,7 @@ fn hostile_frames_are_errors() {
         assert!(d.next_msg().is_err() || d.wants() > 0, "case {i}");
     }
     // An Exec with a field this version does not know.
-    let p = br#"{"argv":[],"env":[],"cwd":"/","user":null,"hostname":"h","tty":false,"winsize":null,"stdin":false,"mounts":[],"root_device":"/dev/vda","extra":1}"#;
+    let p = br#"{"argv":[],"env":[],"cwd":"/","user":null,"hostname":"h","tty":false,"winsize":null,"stdin":false,"mounts":[],"extra":1}"#;
     assert!(Msg::decode(17, p).is_err());
     // A frame cut short is an error, not a clean end.
     let mut cut = Msg::Stdout(b"abcdef".to_vec()).encode();

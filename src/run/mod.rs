@@ -9,22 +9,20 @@
 
 mod host;
 pub mod initramfs;
+mod machine;
 pub mod rundir;
+pub mod template;
 
 use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cli::RunArgs;
-use crate::config::VmConfig;
 use crate::image::ImageConfig;
 use crate::protocol::{self, ExecSpec, ExitStatus, Msg, AGENT_PORT, VERSION};
 use crate::terminal::RawMode;
-use crate::vmm::exit::ExitReason;
-use crate::vmm::{ConsoleIo, ConsoleOutput, Vmm};
 use host::Ending;
 
 /// Exit codes (as `docker run` and `timeout` use them).
@@ -35,10 +33,6 @@ pub mod code {
     pub const NOT_FOUND: u8 = 127;
 }
 
-/// How long the guest has to boot and its agent to call in.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long the VM has to end after the command did.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Console lines kept to explain a failure.
 const CONSOLE_TAIL: usize = 40;
 
@@ -74,6 +68,8 @@ pub enum Error {
     Protocol(#[source] protocol::Error),
     #[error("the agent speaks protocol version {0}, this kiln {VERSION}")]
     Version(u32),
+    #[error("the guest cannot build the command's root: {0}")]
+    Prepare(String),
     #[error("no command: give one after `--` (the image has no Entrypoint or Cmd)")]
     NoCommand,
 }
@@ -96,6 +92,8 @@ pub fn cache_dir() -> PathBuf {
 struct Image {
     ext4: PathBuf,
     config: ImageConfig,
+    /// Its digest, when it came from an OCI or docker image.
+    id: Option<String>,
 }
 
 /// The image given, made ready (see [`crate::image`]); without one, kiln's
@@ -115,6 +113,7 @@ fn prepare_image(spec: Option<&Path>, scratch: &Path, quiet: bool) -> Result<Ima
                 cmd: vec!["/bin/sh".into()],
                 ..ImageConfig::default()
             },
+            id: None,
         });
     };
     let prepared =
@@ -125,6 +124,7 @@ fn prepare_image(spec: Option<&Path>, scratch: &Path, quiet: bool) -> Result<Ima
     Ok(Image {
         ext4: prepared.ext4,
         config: prepared.config,
+        id: prepared.id,
     })
 }
 
@@ -221,6 +221,9 @@ pub fn main(args: RunArgs, log_level: Option<log::LevelFilter>) -> u8 {
         eprintln!("kiln: error: {}", crate::error_chain(&e));
         return code::KILN_FAILED;
     }
+    if args.prune {
+        return prune();
+    }
     let show_console = args.console || level >= log::LevelFilter::Debug;
     let console = ConsoleTail {
         lines: Arc::default(),
@@ -233,6 +236,31 @@ pub fn main(args: RunArgs, log_level: Option<log::LevelFilter>) -> u8 {
             if matches!(e, Error::VmEnded(_) | Error::BootTimeout(_)) && !show_console {
                 eprintln!("kiln: the guest console's last lines:\n{}", console.tail());
             }
+            code::KILN_FAILED
+        }
+    }
+}
+
+/// `kiln run --prune`.
+fn prune() -> u8 {
+    let base = template::base();
+    match template::prune(&base) {
+        Ok(p) => {
+            eprintln!(
+                "kiln: removed {} templates ({:.1} MiB) from {}{}",
+                p.templates,
+                p.bytes as f64 / (1024.0 * 1024.0),
+                base.display(),
+                if p.busy > 0 {
+                    format!("; {} in use were left", p.busy)
+                } else {
+                    String::new()
+                }
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("kiln: error: cannot prune {}: {e}", base.display());
             code::KILN_FAILED
         }
     }
@@ -312,8 +340,6 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
     }
     let env = environment(args, &image)?;
 
-    let initrd = dir.path().join("initramfs.cpio");
-    initramfs::write(&initrd, &agent).map_err(io_err("cannot write the initramfs"))?;
     let uds = dir.path().join("v.sock");
     let agent_sock = PathBuf::from(format!("{}_{AGENT_PORT}", uds.display()));
     let listener = std::os::unix::net::UnixListener::bind(&agent_sock)
@@ -321,63 +347,46 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
     listener
         .set_nonblocking(true)
         .map_err(io_err("cannot listen for the agent"))?;
-
-    let fs: Vec<serde_json::Value> = args
-        .mounts
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            serde_json::json!({ "tag": format!("m{i}"), "path_on_host": m.host, "read_only": m.read_only })
-        })
-        .collect();
-    let config = serde_json::json!({
-        "boot-source": {
-            "kernel_image_path": kernel,
-            "initrd_path": initrd,
-            "boot_args": "console=ttyS0 reboot=k panic=1 quiet",
-        },
-        "machine-config": { "vcpu_count": args.cpus, "mem_size_mib": args.memory },
-        "drives": [{
-            "drive_id": "image", "path_on_host": image.ext4,
-            "is_root_device": false, "is_read_only": true,
-        }],
-        "vsock": { "guest_cid": 3, "uds_path": uds },
-        "entropy": {},
-        "fs": fs,
-    });
-    let config = VmConfig::from_json(&config.to_string()).map_err(Error::Config)?;
+    let recipe = machine::Recipe {
+        kernel: &kernel,
+        agent: &agent,
+        initrd: dir.path().join("initramfs.cpio"),
+        image: &image.ext4,
+        uds: &uds,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        shares: args
+            .mounts
+            .iter()
+            .map(|m| (m.host.clone(), m.read_only))
+            .collect(),
+        console: console.clone(),
+    };
+    let template = if args.cold {
+        None
+    } else {
+        template_for(&recipe, &exe, &image, dir.path())
+    };
 
     // Signals are ours to pass on: block them before any VM thread starts
     // (they inherit the mask), and read them from a signalfd.
     let signals = host::signal_fd().map_err(io_err("cannot watch signals"))?;
-    let vmm = Vmm::build(
-        &config,
-        ConsoleIo {
-            output: ConsoleOutput::Writer(Box::new(console.clone())),
-            input: None,
-        },
-    )
-    .map_err(Error::Vmm)?
-    .without_stop_signals();
-    timeline.built = timeline.since_start();
-    let exit = vmm.exit_signal();
-    let vm_ended = Arc::new(AtomicBool::new(false));
-    let vm_thread = {
-        let vm_ended = vm_ended.clone();
-        std::thread::Builder::new()
-            .name("kiln-vm".into())
-            .spawn(move || {
-                let r = vmm.run();
-                vm_ended.store(true, Ordering::SeqCst);
-                r
-            })
-            .map_err(io_err("cannot start the VM thread"))?
+    let mut progress = |m: &str| {
+        if !args.quiet {
+            eprintln!("kiln: {m}");
+        }
     };
-    // From here on the VM runs: it is stopped on every way out.
-    let stop_vm = |why: &str| exit.report(ExitReason::Stopped(why.to_string()));
+    let before_vm = timeline.since_start();
+    let started = machine::start(&recipe, &listener, template.as_ref(), &mut progress)?;
+    timeline.warm = started.warm;
+    timeline.built = before_vm + started.built;
+    timeline.hello = before_vm + started.hello;
+    timeline.ready = before_vm + started.ready;
+    timeline.saved = started.saved;
+    timeline.uptimes = started.uptimes;
+    let machine = started.machine;
+    // From here on the VM runs: `machine` stops it on every way out.
     let result = (|| {
-        let stream = accept_agent(&listener, &vm_ended)?;
-        timeline.agent = timeline.since_start();
         let tty = args.tty && std::io::stdin().is_terminal();
         let spec = ExecSpec {
             argv,
@@ -406,10 +415,9 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
                     read_only: m.read_only,
                 })
                 .collect(),
-            root_device: "/dev/vda".into(),
         };
-        let mut stream = stream;
-        timeline.uptimes = greet(&mut stream, spec)?;
+        let mut stream = started.stream;
+        launch(&mut stream, spec)?;
         let _raw = if tty && args.interactive {
             RawMode::enable(std::io::stdin().as_fd())
                 .map_err(io_err("cannot put the terminal in raw mode"))?
@@ -421,7 +429,7 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
             host::Watch {
                 signals: &signals,
                 timeout: args.timeout,
-                vm_ended: &vm_ended,
+                vm_ended: machine.ended(),
                 stdin: args.interactive,
                 tty: args.tty,
                 started: timeline.started.clone(),
@@ -430,28 +438,62 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
         Ok(ending)
     })();
     timeline.exited = timeline.since_start();
-    // The agent powers the VM off after reporting; make sure it ends.
-    let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
-    let natural_end = matches!(result, Ok(Ending::Exited(_)) | Ok(Ending::Failed(..)));
-    if !natural_end {
-        stop_vm("the run is over");
-    }
-    while !vm_ended.load(Ordering::SeqCst) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if !vm_ended.load(Ordering::SeqCst) {
-        log::warn!("the VM did not power off after the command ended; stopping it");
-        stop_vm("the VM did not power off");
-    }
-    match vm_thread.join() {
-        Ok(Ok(outcome)) => log::debug!("VM: {}", outcome.reason),
-        Ok(Err(e)) => log::warn!("VM: {}", crate::error_chain(&e)),
-        Err(_) => log::warn!("the VM thread panicked"),
-    }
+    // The agent powers the VM off after reporting.
+    machine.finish(matches!(
+        result,
+        Ok(Ending::Exited(_)) | Ok(Ending::Failed(..))
+    ));
     drop(dir);
     timeline.ended = timeline.since_start();
     timeline.log();
     result
+}
+
+/// The template this run's VM can start from, unless its image has no
+/// identity that outlives the run (a host folder, made into an image per
+/// run) or kiln cannot tell what the VM is made of.
+fn template_for(
+    recipe: &machine::Recipe,
+    exe: &Path,
+    image: &Image,
+    scratch: &Path,
+) -> Option<template::Template> {
+    if image.ext4.starts_with(scratch) {
+        log::info!("the image is made per run: booting cold, without a template");
+        return None;
+    }
+    let parts = template::KeyParts {
+        kiln: exe,
+        agent: recipe.agent,
+        kernel: recipe.kernel,
+        image_id: image.id.as_deref(),
+        image_file: &image.ext4,
+        cpus: recipe.cpus,
+        memory_mib: recipe.memory_mib,
+        shares: recipe.shares.len(),
+    };
+    match parts.text() {
+        Ok(key) => Some(template::Template::new(template::base(), key)),
+        Err(e) => {
+            log::warn!("booting cold: cannot tell which template fits this VM: {e}");
+            None
+        }
+    }
+}
+
+/// The host's clock and fresh entropy, then what to run.
+fn launch(stream: &mut std::os::unix::net::UnixStream, spec: ExecSpec) -> Result<(), Error> {
+    let mut entropy = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
+        .map_err(io_err(
+            "cannot read entropy for the guest from /dev/urandom",
+        ))?;
+    let unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    protocol::write_msg(stream, &Msg::Resume { unix_ns, entropy }).map_err(Error::Protocol)?;
+    protocol::write_msg(stream, &Msg::Exec(Box::new(spec))).map_err(Error::Protocol)
 }
 
 /// When each step of a run ended, from the start of the run; logged at
@@ -459,8 +501,15 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
 struct Timeline {
     start: Instant,
     image: Duration,
+    /// The VM built (cold) or restored (warm).
     built: Duration,
-    agent: Duration,
+    /// The agent's Hello.
+    hello: Duration,
+    /// The agent's Ready (cold); the Hello (warm).
+    ready: Duration,
+    /// Saving a new template, after Ready.
+    saved: Duration,
+    warm: bool,
     /// The agent's guest uptimes (ms): when it started as PID 1, when it
     /// said Hello.
     uptimes: (u32, u32),
@@ -475,7 +524,10 @@ impl Timeline {
             start: Instant::now(),
             image: Duration::ZERO,
             built: Duration::ZERO,
-            agent: Duration::ZERO,
+            hello: Duration::ZERO,
+            ready: Duration::ZERO,
+            saved: Duration::ZERO,
+            warm: false,
             uptimes: (0, 0),
             started: Arc::default(),
             exited: Duration::ZERO,
@@ -493,71 +545,36 @@ impl Timeline {
             .started
             .get()
             .map_or(self.exited, |t| t.duration_since(self.start));
-        // The guest's boot splits at the agent's start (guest clock).
-        let agent_part =
-            Duration::from_millis(u64::from(self.uptimes.1.saturating_sub(self.uptimes.0)));
-        let boot = self.agent.saturating_sub(self.built);
-        log::info!(
-            "timing (ms): image {:.0}, VM build {:.0}, kernel boot {:.0}, agent start {:.0}, \
-             exec {:.0}, command {:.0}, shutdown {:.0}, total {:.0}",
-            ms(self.image),
-            ms(self.built.saturating_sub(self.image)),
-            ms(boot.saturating_sub(agent_part)),
-            ms(agent_part),
-            ms(started.saturating_sub(self.agent)),
+        let exec = started.saturating_sub(self.ready + self.saved);
+        let tail = format!(
+            "exec {:.0}, command {:.0}, shutdown {:.0}, total {:.0}",
+            ms(exec),
             ms(self.exited.saturating_sub(started)),
             ms(self.ended.saturating_sub(self.exited)),
             ms(self.ended),
         );
+        if self.warm {
+            log::info!(
+                "timing (ms), warm: image {:.0}, restore {:.0}, reconnect {:.0}, {tail}",
+                ms(self.image),
+                ms(self.built.saturating_sub(self.image)),
+                ms(self.hello.saturating_sub(self.built)),
+            );
+            return;
+        }
+        // The guest's boot splits at the agent's start (guest clock).
+        let agent_part =
+            Duration::from_millis(u64::from(self.uptimes.1.saturating_sub(self.uptimes.0)));
+        let boot = self.hello.saturating_sub(self.built);
+        log::info!(
+            "timing (ms), cold: image {:.0}, VM build {:.0}, kernel boot {:.0}, agent start {:.0}, \
+             prepare {:.0}, template save {:.0}, {tail}",
+            ms(self.image),
+            ms(self.built.saturating_sub(self.image)),
+            ms(boot.saturating_sub(agent_part)),
+            ms(agent_part),
+            ms(self.ready.saturating_sub(self.hello)),
+            ms(self.saved),
+        );
     }
-}
-
-/// Waits for the agent to connect, as long as the VM runs.
-fn accept_agent(
-    listener: &std::os::unix::net::UnixListener,
-    vm_ended: &AtomicBool,
-) -> Result<std::os::unix::net::UnixStream, Error> {
-    let start = Instant::now();
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)
-                    .map_err(io_err("cannot talk to the agent"))?;
-                log::info!("the agent called in after {:?}", start.elapsed());
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(io_err("cannot accept the agent's connection")(e)),
-        }
-        if vm_ended.load(Ordering::SeqCst) {
-            return Err(Error::VmEnded(
-                "it rebooted or failed; see the console".into(),
-            ));
-        }
-        if start.elapsed() > BOOT_TIMEOUT {
-            return Err(Error::BootTimeout(BOOT_TIMEOUT));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Hello both ways, then what to run.
-/// Returns the agent's (started, hello) guest uptimes in ms.
-fn greet(stream: &mut std::os::unix::net::UnixStream, spec: ExecSpec) -> Result<(u32, u32), Error> {
-    let uptimes = match protocol::read_msg(stream).map_err(Error::Protocol)? {
-        Some(Msg::AgentHello {
-            version,
-            started_ms,
-            hello_ms,
-        }) if version == VERSION => (started_ms, hello_ms),
-        Some(Msg::AgentHello { version, .. }) => return Err(Error::Version(version)),
-        other => {
-            return Err(Error::VmEnded(format!(
-                "the agent said {other:?} instead of Hello"
-            )))
-        }
-    };
-    protocol::write_msg(stream, &Msg::HostHello { version: VERSION }).map_err(Error::Protocol)?;
-    protocol::write_msg(stream, &Msg::Exec(Box::new(spec))).map_err(Error::Protocol)?;
-    Ok(uptimes)
 }
