@@ -153,8 +153,11 @@ fn serve(mut stream: UnixStream, started_ms: u32) -> Result<(), Error> {
             Err(e) => return Err(e.into()),
         };
         match msg {
-            Msg::Prepare { root_device } if !prepared => {
-                if let Err(e) = setup::enter_root(&root_device) {
+            Msg::Prepare {
+                root_device,
+                warm_up,
+            } if !prepared => {
+                if let Err(e) = setup::enter_root(&root_device, warm_up) {
                     return fail(&mut stream, &e);
                 }
                 prepared = true;

@@ -69,8 +69,9 @@ fn checked(path: &str) -> Result<&Path, Error> {
 }
 
 /// Builds the command's root from the image on `root_device` and moves into
-/// it: what every run shares, so a template holds it.
-pub fn enter_root(root_device: &str) -> Result<(), Error> {
+/// it: what every run shares, so a template holds it. `warm_up`: see
+/// [`warm_up`].
+pub fn enter_root(root_device: &str, warm_up: bool) -> Result<(), Error> {
     let (lower, rw, root) = (Path::new(LOWER), Path::new(RW), Path::new(ROOT));
     for d in [lower, rw, root] {
         mkdir_p(d)?;
@@ -132,7 +133,9 @@ pub fn enter_root(root_device: &str) -> Result<(), Error> {
         what: "entering the image's root".into(),
         source,
     })?;
-    warm_up();
+    if warm_up {
+        self::warm_up();
+    }
     Ok(())
 }
 

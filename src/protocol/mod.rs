@@ -46,9 +46,12 @@
 //! - `Signal { signo }` (20): le32; the agent signals the command's process
 //!   group.
 //! - `Resize { rows, cols }` (21): le16 rows, le16 cols of the terminal.
-//! - `Prepare { root_device }` (22): build the command's root from the image
-//!   on that block device (UTF-8, at most [`MAX_NAME`] bytes) and answer
-//!   `Ready`. Only on a freshly booted guest.
+//! - `Prepare { root_device, warm_up }` (22): u8 flags (bit 0: warm up),
+//!   then a block device (UTF-8, 1 to [`MAX_NAME`] bytes): build the
+//!   command's root from the image on it and answer `Ready`; with warm up,
+//!   first run the image's `/bin/sh -c true` once, so the shell and its
+//!   libraries are in the page cache of a template. Only on a freshly
+//!   booted guest.
 //! - `Resume { unix_ns, entropy }` (23): le64 host wall-clock time in ns
 //!   since the epoch, then [`ENTROPY_MIN`] to [`ENTROPY_MAX`] bytes of host
 //!   entropy: the agent sets the guest's clock and reseeds its kernel RNG
@@ -190,6 +193,7 @@ pub enum Msg {
     /// tmpfs overlay).
     Prepare {
         root_device: String,
+        warm_up: bool,
     },
     Resume {
         unix_ns: u64,
@@ -272,7 +276,14 @@ impl Msg {
                 p.extend_from_slice(&cols.to_le_bytes());
                 (kind::RESIZE, p)
             }
-            Msg::Prepare { root_device } => (kind::PREPARE, root_device.as_bytes().to_vec()),
+            Msg::Prepare {
+                root_device,
+                warm_up,
+            } => {
+                let mut p = vec![u8::from(*warm_up)];
+                p.extend_from_slice(root_device.as_bytes());
+                (kind::PREPARE, p)
+            }
             Msg::Resume { unix_ns, entropy } => {
                 let mut p = unix_ns.to_le_bytes().to_vec();
                 p.extend_from_slice(entropy);
@@ -353,13 +364,17 @@ impl Msg {
                 }
             }
             kind::PREPARE => {
-                if p.is_empty() || p.len() > MAX_NAME {
+                let (&flags, name) = p.split_first().ok_or(Error::Malformed("Prepare"))?;
+                if flags > 1 || name.is_empty() || name.len() > MAX_NAME {
                     return Err(Error::Malformed("Prepare"));
                 }
-                let root_device = std::str::from_utf8(p)
+                let root_device = std::str::from_utf8(name)
                     .map_err(|_| Error::Malformed("Prepare"))?
                     .to_string();
-                Msg::Prepare { root_device }
+                Msg::Prepare {
+                    root_device,
+                    warm_up: flags == 1,
+                }
             }
             kind::RESUME => {
                 let (time, entropy) = p.split_at_checked(8).ok_or(Error::Malformed("Resume"))?;

@@ -43,6 +43,11 @@ fn all_messages() -> Vec<Msg> {
         Msg::Ready,
         Msg::Prepare {
             root_device: "/dev/vda".into(),
+            warm_up: true,
+        },
+        Msg::Prepare {
+            root_device: "/dev/vdb".into(),
+            warm_up: false,
         },
         Msg::Resume {
             unix_ns: 1_795_000_000_123_456_789,
@@ -103,9 +108,12 @@ fn hostile_frames_are_errors() {
         frame(4, 17, b"{x}"),                 // Exec not JSON
         frame(3, 21, b"ab"),                  // Resize short
         frame(2, 8, b"x"),                    // Ready with a payload
-        frame(1, 22, b""),                    // Prepare without a device
-        frame(3, 22, b"\xff\xfe"),            // Prepare not UTF-8
+        frame(1, 22, b""),                    // Prepare without flags
+        frame(2, 22, b"\x01"),                // Prepare without a device
+        frame(4, 22, b"\x02/a"),              // Prepare, unknown flag
+        frame(4, 22, b"\x00\xff\xfe"),        // Prepare not UTF-8
         frame(8, 23, b"1234567"),             // Resume without a full time
+        frame(2 + 257, 22, &[b'a'; 258]),     // Prepare, device name too long
         frame(9 + 31, 23, &[0; 8 + 31]),      // Resume, too little entropy
         frame(9 + 257, 23, &[0; 8 + 257]),    // Resume, too much entropy
     ];

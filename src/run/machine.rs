@@ -273,6 +273,8 @@ fn cold(
         &mut stream,
         &Msg::Prepare {
             root_device: "/dev/vda".into(),
+            // Worth its time only in a template, which many runs share.
+            warm_up: build.is_some(),
         },
     )
     .map_err(Error::Protocol)?;
