@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo bench --bench exits` (or `tools/bench-exits`).
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 // Test guests are built from small constants: truncation cannot happen.
 #![allow(clippy::cast_possible_truncation)]
 

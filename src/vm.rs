@@ -76,7 +76,7 @@ pub fn open_kvm() -> Result<Kvm, Error> {
         _ => Error::KvmOpen(e),
     })?;
     let version = kvm.get_api_version();
-    if version != KVM_API_VERSION as i32 {
+    if u32::try_from(version).ok() != Some(KVM_API_VERSION) {
         return Err(Error::ApiVersion(version));
     }
     for (cap, name) in REQUIRED_CAPS {

@@ -1,6 +1,9 @@
 //! The `kiln` binary's command line and its errors (no KVM needed until a
 //! config is valid).
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

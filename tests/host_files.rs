@@ -3,6 +3,9 @@
 //! must refuse each at once with a message naming the file (and the drive),
 //! never hang in `open`.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Read;

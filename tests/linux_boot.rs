@@ -4,6 +4,8 @@
 //! Each boot takes about a minute on hosts whose KVM interprets guest kernel
 //! code (kvm_pvm, see README); cargo runs these tests two at a time.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 // Test guests are built from small constants: truncation cannot happen.
 #![allow(clippy::cast_possible_truncation)]
 

@@ -3,6 +3,9 @@
 //! things at once. The kernel comes from tools/build-guest-kernel; the image
 //! is kiln's default (busybox), built on first use.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,6 +1,8 @@
 //! Snapshots through the command line: SIGUSR1 to a running kiln writes
 //! one (the VM goes on), `--restore-from` starts a VM from it where it was.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 // Test guests are built from small constants: truncation cannot happen.
 #![allow(clippy::cast_possible_truncation)]
 

@@ -1,6 +1,8 @@
 //! KVM integration tests with tiny guests: a few dozen instructions
 //! assembled here, booted by the `kiln` binary.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 // Test guests are built from small constants: truncation cannot happen.
 #![allow(clippy::cast_possible_truncation)]
 
@@ -226,8 +228,9 @@ fn sigterm_while_starting_exits_130() {
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let pid = i32::try_from(child.id()).unwrap();
         // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
         let out = child.wait_with_output().unwrap();
         assert_eq!(
             out.status.code(),
@@ -263,8 +266,9 @@ fn sigterm_stops_a_spinning_guest_and_joins_its_vcpus() {
     let mut first = [0u8; 1];
     child.stdout.take().unwrap().read_exact(&mut first).unwrap();
     assert_eq!(&first, b"R");
+    let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let start = std::time::Instant::now();
     let out = child.wait_with_output().unwrap();
     assert!(start.elapsed() < TIMEOUT);
@@ -365,8 +369,9 @@ fn sigterm_ends_kiln_within_a_second_while_nobody_reads_its_stdout() {
             Err(_) => panic!("no console drop warning within {TIMEOUT:?}: the guest is stuck, or kiln does not say so"),
         }
     }
+    let pid = i32::try_from(kiln.0.id()).unwrap();
     // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(kiln.0.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let killed = Instant::now();
     let status = kiln.0.wait().unwrap();
     let took = killed.elapsed();

@@ -3,6 +3,9 @@
 //! One boot; its commands are shell builtins where possible, since every
 //! exec costs up to a second of interpreted kernel code on kvm_pvm hosts.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

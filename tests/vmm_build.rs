@@ -2,6 +2,9 @@
 //! snapshot/restore and `kiln run` find), drive locks and the vsock
 //! socket's life.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -10,6 +10,8 @@
 //! The guest kernel's vsock and virtio code is interpreted on kvm_pvm
 //! hosts (about 1 MiB/s each way), so this test takes a few minutes there.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 // Test data is built from small constants: truncation cannot happen.
 #![allow(clippy::cast_possible_truncation)]
 

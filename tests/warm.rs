@@ -4,6 +4,9 @@
 //! (15–30 s each on hosts whose KVM interprets guest kernel code); the
 //! restored runs take seconds.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

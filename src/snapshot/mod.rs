@@ -203,7 +203,7 @@ pub fn write(
     // disk nor time, and reads back as zeroes.
     write_atomically(&paths.memory, |w| {
         let mut buf = vec![0u8; 1 << 20];
-        let mut zeroes = 0i64;
+        let mut zeroes = 0u64;
         for region in mem.iter() {
             let mut at = 0u64;
             while at < region.len() {
@@ -212,11 +212,12 @@ pub fn write(
                     .map_err(io::Error::other)?;
                 for page in buf[..n].chunks(PAGE) {
                     if page.iter().all(|&b| b == 0) {
-                        zeroes += page.len() as i64;
+                        zeroes += page.len() as u64;
                         continue;
                     }
                     if zeroes > 0 {
-                        w.seek(io::SeekFrom::Current(zeroes))?;
+                        let skip = i64::try_from(zeroes).map_err(io::Error::other)?;
+                        w.seek(io::SeekFrom::Current(skip))?;
                         zeroes = 0;
                     }
                     w.write_all(page)?;

@@ -96,7 +96,7 @@ fn read_signal(fd: &OwnedFd) -> Option<libc::c_int> {
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
     // SAFETY: reads at most `size` bytes into `info`, which is that large.
     let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut info).cast(), size) };
-    if n != size as isize {
+    if usize::try_from(n).ok() != Some(size) {
         return None;
     }
     libc::c_int::try_from(info.ssi_signo).ok()

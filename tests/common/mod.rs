@@ -2,6 +2,8 @@
 //! test, packed as an ELF vmlinux, booted by the `kiln` binary through the
 //! same path users take (`kiln --config-file`).
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::io::Read;

@@ -215,14 +215,14 @@ fn lapic_reg(state: &kvm_lapic_state, offset: usize) -> u32 {
     let mut b = [0u8; 4];
     for (i, byte) in b.iter_mut().enumerate() {
         // i8 -> u8 reinterpretation of the register bytes.
-        *byte = state.regs[offset + i] as u8;
+        *byte = state.regs[offset + i].to_ne_bytes()[0];
     }
     u32::from_le_bytes(b)
 }
 
 fn set_lapic_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
     for (i, byte) in value.to_le_bytes().iter().enumerate() {
-        state.regs[offset + i] = *byte as i8;
+        state.regs[offset + i] = i8::from_ne_bytes([*byte]);
     }
 }
 

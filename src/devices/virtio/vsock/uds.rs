@@ -124,7 +124,7 @@ pub fn connect(path: &OsStr) -> io::Result<UnixStream> {
     addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
         .map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     // SAFETY: plain socket(2) call; the result is checked.
     let fd = unsafe {
