@@ -152,3 +152,27 @@ fn ext4_root_disk_read_only_refuses_writes() {
     );
     remove_scratch(&image);
 }
+
+/// A guest whose kernel panics (here: no init to run) makes kiln exit with
+/// 3 and say so; a clean reboot stays 0 (the other tests).
+#[test]
+fn a_guest_kernel_panic_exits_3() {
+    require_kvm();
+    let dir = scratch("panic");
+    let config = dir.join("vm.json");
+    let json = initramfs_config(1, "true", "").replace(
+        BOOT_ARGS,
+        &format!("{BOOT_ARGS} rdinit=/nonexistent init=/nonexistent"),
+    );
+    std::fs::write(&config, json).unwrap();
+    let out = run_kiln(&config, BOOT_TIMEOUT);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("Kernel panic"), "{stdout}");
+    assert!(stderr.contains("the guest kernel panicked"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

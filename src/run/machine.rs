@@ -70,9 +70,18 @@ impl Machine {
         self.exit.report(ExitReason::Stopped(why.to_string()));
     }
 
+    /// Why the VM ended, once it has.
+    pub fn end_reason(&self) -> Option<ExitReason> {
+        self.ended
+            .load(Ordering::SeqCst)
+            .then(|| self.exit.reason())
+            .flatten()
+    }
+
     /// Waits for the VM to end (`powering_off`: the agent is shutting it
-    /// down), stopping it if it does not within the timeout, and joins it.
-    pub fn finish(mut self, powering_off: bool) {
+    /// down), stopping it if it does not within the timeout, and joins it;
+    /// returns why it ended.
+    pub fn finish(mut self, powering_off: bool) -> Option<ExitReason> {
         if powering_off {
             let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
             while !self.ended.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -83,6 +92,7 @@ impl Machine {
             }
         }
         self.join();
+        self.exit.reason()
     }
 
     fn join(&mut self) {
@@ -348,10 +358,8 @@ fn accept_agent(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(io_err("cannot accept the agent's connection")(e)),
         }
-        if machine.ended().load(Ordering::SeqCst) {
-            return Err(Error::VmEnded(
-                "it rebooted or failed; see the console".into(),
-            ));
+        if let Some(reason) = machine.end_reason() {
+            return Err(Error::VmEnded(format!("{reason}; see the console")));
         }
         if start.elapsed() > timeout {
             return Err(Error::BootTimeout(timeout));

@@ -23,6 +23,7 @@ use crate::cli::RunArgs;
 use crate::image::ImageConfig;
 use crate::protocol::{self, ExecSpec, ExitStatus, Msg, AGENT_PORT, VERSION};
 use crate::terminal::RawMode;
+use crate::vmm::exit::ExitReason;
 use host::Ending;
 
 /// Exit codes (as `docker run` and `timeout` use them).
@@ -439,10 +440,16 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
     })();
     timeline.exited = timeline.since_start();
     // The agent powers the VM off after reporting.
-    machine.finish(matches!(
+    let end = machine.finish(matches!(
         result,
         Ok(Ending::Exited(_)) | Ok(Ending::Failed(..))
     ));
+    let result = match (result, end) {
+        (Ok(Ending::Lost(_)), Some(ExitReason::GuestPanic)) => {
+            Ok(Ending::Lost("the guest kernel panicked".into()))
+        }
+        (r, _) => r,
+    };
     drop(dir);
     timeline.ended = timeline.since_start();
     timeline.log();

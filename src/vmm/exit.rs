@@ -12,6 +12,8 @@ use crate::devices::bus::lock;
 pub enum ExitReason {
     /// The guest reset the machine (i8042, triple fault or KVM system event).
     Reset,
+    /// The guest's kernel panicked (and then reset the machine).
+    GuestPanic,
     /// The guest powered off.
     PowerOff,
     /// kiln was asked to stop (SIGTERM, SIGINT).
@@ -29,6 +31,7 @@ impl ExitReason {
             ExitReason::Reset | ExitReason::PowerOff => 0,
             ExitReason::Stopped(_) => 130,
             ExitReason::GuestError(_) => 2,
+            ExitReason::GuestPanic => 3,
             ExitReason::VmmError(_) => 1,
         }
     }
@@ -38,6 +41,7 @@ impl std::fmt::Display for ExitReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExitReason::Reset => write!(f, "the guest rebooted"),
+            ExitReason::GuestPanic => write!(f, "the guest kernel panicked"),
             ExitReason::PowerOff => write!(f, "the guest powered off"),
             ExitReason::Stopped(why) => write!(f, "stopped: {why}"),
             ExitReason::GuestError(why) => write!(f, "guest error: {why}"),
@@ -72,6 +76,15 @@ impl ExitSignal {
         let _ = self.evt.write(1);
     }
 
+    /// Replaces a recorded reset with what it turned out to be (the
+    /// kernel's reboot after a panic).
+    pub fn reset_was(&self, reason: ExitReason) {
+        let mut r = lock(&self.reason);
+        if *r == Some(ExitReason::Reset) {
+            *r = Some(reason);
+        }
+    }
+
     pub fn reason(&self) -> Option<ExitReason> {
         lock(&self.reason).clone()
     }
@@ -100,6 +113,7 @@ mod tests {
     fn exit_codes() {
         assert_eq!(ExitReason::Reset.exit_code(), 0);
         assert_eq!(ExitReason::PowerOff.exit_code(), 0);
+        assert_eq!(ExitReason::GuestPanic.exit_code(), 3);
         assert_ne!(ExitReason::GuestError(String::new()).exit_code(), 0);
         assert_ne!(ExitReason::VmmError(String::new()).exit_code(), 0);
     }

@@ -293,6 +293,8 @@ pub struct Vmm {
     /// Where SIGUSR1 writes a snapshot, if anywhere.
     snapshot_to: Option<crate::snapshot::Paths>,
     snapshotter: Snapshotter,
+    /// The guest kernel was asked to flag its reboots after a panic.
+    panic_signal: bool,
 }
 
 /// How a run ended, with what the caller may want to check.
@@ -440,6 +442,17 @@ impl Vmm {
             snapshot::no_more_devices(saved, virtio.devices.len())?;
         }
         let devices = virtio.devices;
+        // Cheap enough to ask always: see arch::x86_64::panic.
+        let panic_signal = restore.is_some() || {
+            match crate::arch::x86_64::panic::cmdline_option(&cmdline) {
+                Some(option) => {
+                    cmdline.push(' ');
+                    cmdline.push_str(option);
+                    true
+                }
+                None => false,
+            }
+        };
         if let Some(extra) = quirks::cmdline_additions(&cmdline) {
             log::info!("this host's KVM interprets guest kernel code ({}); adding to the kernel command line: {extra}", quirks::BACKEND_NAME);
             cmdline.push(' ');
@@ -489,6 +502,7 @@ impl Vmm {
             mem_size_mib: mc.mem_size_mib,
             snapshot_to: None,
             snapshotter,
+            panic_signal,
         })
     }
 
@@ -657,6 +671,9 @@ impl Vmm {
             .map(VcpuHandle::join)
             .filter(|ok| !ok)
             .count();
+        if self.panic_signal && crate::arch::x86_64::panic::panicked(&self._memory) {
+            self.exit.reset_was(ExitReason::GuestPanic);
+        }
         // No vCPU writes the console any more: flush it, promptly when
         // kiln was asked to stop.
         let stall = match self.exit.reason() {

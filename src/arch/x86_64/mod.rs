@@ -5,4 +5,5 @@ pub mod cpuid;
 pub mod gdt;
 pub mod layout;
 pub mod mptable;
+pub mod panic;
 pub mod regs;
