@@ -10,7 +10,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -55,19 +55,6 @@ fn counting_guest() -> Vec<u8> {
     })
 }
 
-fn kiln(config: &Path, args: &[&str]) -> Child {
-    require_kvm();
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--config-file")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start kiln")
-}
-
 /// Reads counter lines from `lines` until `n` more full ones came.
 fn read_counts(lines: &mut impl Iterator<Item = std::io::Result<String>>, n: usize) -> Vec<u32> {
     let mut got = Vec::new();
@@ -103,7 +90,7 @@ fn snapshot_on_sigusr1_then_restore_goes_on() {
     let snap = dir.join("snap");
     let snap_arg = snap.to_str().unwrap();
 
-    let mut original = kiln(&config, &["--snapshot-dir", snap_arg]);
+    let mut original = start_kiln(&config, &["--snapshot-dir", snap_arg]);
     let mut lines = BufReader::new(original.stdout.take().unwrap()).lines();
     let before = read_counts(&mut lines, 5);
     assert_eq!(before[0], 1);
@@ -128,7 +115,7 @@ fn snapshot_on_sigusr1_then_restore_goes_on() {
     // Two restores of the one snapshot: both go on from where it was.
     let mut firsts = Vec::new();
     for _ in 0..2 {
-        let mut restored = kiln(&config, &["--restore-from", snap_arg]);
+        let mut restored = start_kiln(&config, &["--restore-from", snap_arg]);
         let mut lines = BufReader::new(restored.stdout.take().unwrap()).lines();
         let counts = read_counts(&mut lines, 5);
         consecutive(&counts);
@@ -258,7 +245,7 @@ fn snapshots_hold_the_device_list() {
     );
     let snap = dir.join("snap");
     let snap_arg = snap.to_str().unwrap();
-    let mut original = kiln(&config, &["--snapshot-dir", snap_arg]);
+    let mut original = start_kiln(&config, &["--snapshot-dir", snap_arg]);
     let mut lines = BufReader::new(original.stdout.take().unwrap()).lines();
     read_counts(&mut lines, 3);
     take_snapshot(&original, &snap);
@@ -266,7 +253,7 @@ fn snapshots_hold_the_device_list() {
     drop(lines);
     stop(original);
 
-    let mut restored = kiln(&config, &["--restore-from", snap_arg]);
+    let mut restored = start_kiln(&config, &["--restore-from", snap_arg]);
     let mut lines = BufReader::new(restored.stdout.take().unwrap()).lines();
     let counts = read_counts(&mut lines, 3);
     consecutive(&counts);
@@ -303,7 +290,7 @@ fn snapshots_hold_the_device_list() {
 /// snapshot after its first counts, lets it go on, stops it; returns its
 /// first count.
 fn snapshot_counting(config: &Path, snap: &Path) -> u32 {
-    let mut original = kiln(config, &["--snapshot-dir", snap.to_str().unwrap()]);
+    let mut original = start_kiln(config, &["--snapshot-dir", snap.to_str().unwrap()]);
     let mut lines = BufReader::new(original.stdout.take().unwrap()).lines();
     let before = read_counts(&mut lines, 3);
     take_snapshot(&original, snap);
@@ -315,7 +302,7 @@ fn snapshot_counting(config: &Path, snap: &Path) -> u32 {
 
 /// Restores `snap` with `config`: the guest goes on counting, past `first`.
 fn restore_goes_on(config: &Path, snap: &Path, first: u32) {
-    let mut restored = kiln(config, &["--restore-from", snap.to_str().unwrap()]);
+    let mut restored = start_kiln(config, &["--restore-from", snap.to_str().unwrap()]);
     let mut lines = BufReader::new(restored.stdout.take().unwrap()).lines();
     let counts = read_counts(&mut lines, 3);
     consecutive(&counts);
@@ -346,7 +333,7 @@ fn take_snapshot(kiln: &Child, snap: &Path) {
 
 /// `kiln --config-file config ARGS` to its end (these end at once).
 fn run_kiln_args(config: &Path, args: &[&str]) -> std::process::Output {
-    kiln(config, args).wait_with_output().unwrap()
+    start_kiln(config, args).wait_with_output().unwrap()
 }
 
 /// Lines of `child`'s stdout, read on a thread, with a deadline per line.
@@ -450,7 +437,7 @@ fn snapshot_linux_guest_with_devices() {
     let snap_arg = snap.to_str().unwrap();
     let tick_timeout = Duration::from_secs(120);
 
-    let mut original = kiln(&config, &["--snapshot-dir", snap_arg]);
+    let mut original = start_kiln(&config, &["--snapshot-dir", snap_arg]);
     let mut console = Console::of(&mut original);
     let first = console.good_tick(BOOT_TIMEOUT);
     console.good_tick(tick_timeout);
@@ -461,7 +448,7 @@ fn snapshot_linux_guest_with_devices() {
     }
     stop(original);
 
-    let mut restored = kiln(&config, &["--restore-from", snap_arg]);
+    let mut restored = start_kiln(&config, &["--restore-from", snap_arg]);
     let mut console = Console::of(&mut restored);
     let mut ticks = Vec::new();
     for _ in 0..3 {
@@ -508,11 +495,11 @@ fn an_idle_linux_guest_wakes_after_restore() {
             })
             .collect()
     };
-    let mut original = kiln(&config, &["--snapshot-dir", snap_arg]);
+    let mut original = start_kiln(&config, &["--snapshot-dir", snap_arg]);
     ticks(&mut original, 2, Duration::from_secs(300));
     take_snapshot(&original, &snap);
     stop(original);
-    let mut restored = kiln(&config, &["--restore-from", snap_arg]);
+    let mut restored = start_kiln(&config, &["--restore-from", snap_arg]);
     let got = ticks(&mut restored, 2, Duration::from_secs(30));
     assert!(got[0].starts_with("TICK "), "{got:?}");
     stop(restored);
@@ -632,7 +619,7 @@ fn sixty_four_mib_written_before_a_snapshot_read_back_after_it() {
         }
     };
 
-    let mut original = kiln(&config, &["--snapshot-dir", snap_arg]);
+    let mut original = start_kiln(&config, &["--snapshot-dir", snap_arg]);
     let mut console = Console::of(&mut original);
     wait_for(&mut console, "FILLED", Duration::from_secs(300));
     wait_for(&mut console, "OK", Duration::from_secs(60));
@@ -657,7 +644,7 @@ fn sixty_four_mib_written_before_a_snapshot_read_back_after_it() {
     }
     drop(mem);
 
-    let mut restored = kiln(&config, &["--restore-from", snap_arg]);
+    let mut restored = start_kiln(&config, &["--restore-from", snap_arg]);
     let mut console = Console::of(&mut restored);
     wait_for(&mut console, "OK", Duration::from_secs(60));
     wait_for(&mut console, "OK", Duration::from_secs(60));

@@ -15,8 +15,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -73,18 +72,6 @@ fn sample(pid: u32) -> Sample {
         threads: field("Threads:") as usize,
         rss_kib: field("VmRSS:"),
     }
-}
-
-fn start(config: &Path) -> Child {
-    require_kvm();
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--config-file")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start kiln")
 }
 
 /// Waits for READY, samples, waits for a clean end.
@@ -154,7 +141,7 @@ fn soak_one_after_another_and_eight_at_a_time() {
 
     let start_at = Instant::now();
     let samples: Vec<Sample> = (0..n)
-        .map(|_| ready_then_sample(&mut start(&config)))
+        .map(|_| ready_then_sample(&mut start_kiln(&config, &[])))
         .collect();
     report("one after another", &samples, start_at.elapsed());
 
@@ -165,7 +152,7 @@ fn soak_one_after_another_and_eight_at_a_time() {
         // Each kiln is read and waited for on a thread of its own.
         let threads: Vec<_> = (0..count)
             .map(|_| {
-                let mut child = start(&config);
+                let mut child = start_kiln(&config, &[]);
                 std::thread::spawn(move || ready_then_sample(&mut child))
             })
             .collect();

@@ -103,6 +103,18 @@ type Spawned = (
     Option<RawFd>,
 );
 
+/// A command that cannot start, said as a shell would.
+fn start_error(argv0: &str) -> impl FnOnce(io::Error) -> Spawn + '_ {
+    move |e| {
+        let why = match e.kind() {
+            ErrorKind::NotFound => "command not found".to_string(),
+            ErrorKind::PermissionDenied => "permission denied (not executable?)".to_string(),
+            _ => e.to_string(),
+        };
+        Spawn::Io(format!("{argv0}: {why}"), e)
+    }
+}
+
 /// `name` looked up as execvp(3) does: with a slash, as it is; else the
 /// first executable regular file of that name in `path`'s directories
 /// (PermissionDenied if only non-executable ones exist).
@@ -159,14 +171,7 @@ fn spawn(spec: &ExecSpec) -> Result<Spawned, Spawn> {
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str());
-    let program = find_program(argv0, path).map_err(|e| {
-        let why = match e.kind() {
-            ErrorKind::NotFound => "command not found".to_string(),
-            ErrorKind::PermissionDenied => "permission denied (not executable?)".to_string(),
-            _ => e.to_string(),
-        };
-        Spawn::Io(format!("{argv0}: {why}"), e)
-    })?;
+    let program = find_program(argv0, path).map_err(start_error(argv0))?;
     let mut cmd = Command::new(program);
     // The agent moves to the working directory itself: the command
     // inherits it (std's own chdir for the child needs a glibc function
@@ -236,14 +241,7 @@ fn spawn(spec: &ExecSpec) -> Result<Spawned, Spawn> {
         // costs most of a start where guest kernel code is slow.
         cmd.process_group(0);
     }
-    let mut child = cmd.spawn().map_err(|e| {
-        let why = match e.kind() {
-            ErrorKind::NotFound => "command not found".to_string(),
-            ErrorKind::PermissionDenied => "permission denied (not executable?)".to_string(),
-            _ => e.to_string(),
-        };
-        Spawn::Io(format!("{argv0}: {why}"), e)
-    })?;
+    let mut child = cmd.spawn().map_err(start_error(argv0))?;
     let mut outputs = outputs;
     let mut stdin = stdin;
     if !tty {

@@ -103,15 +103,23 @@ pub fn write_vm(dir: &Path, kernel: &[u8], vcpus: u8, extra: &str) -> PathBuf {
 /// `timeout`. Its stdout and stderr are read while it runs, as a reader that
 /// keeps up would: kiln drops console output nobody reads.
 pub fn run_kiln(config: &Path, timeout: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let mut child = start_kiln(config, &[]);
+    finish(&mut child, timeout)
+}
+
+/// `kiln --config-file config ARGS`, started with no stdin and its stdout
+/// and stderr piped.
+pub fn start_kiln(config: &Path, args: &[&str]) -> Child {
+    require_kvm();
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("--config-file")
         .arg(config)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("cannot start kiln");
-    finish(&mut child, timeout)
+        .expect("cannot start kiln")
 }
 
 /// Reads `child`'s piped stdout and stderr while it runs (as a reader that
