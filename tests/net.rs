@@ -116,7 +116,8 @@ fn expected_sha(len: u64) -> String {
 /// In the namespace: a source that sends `len` bytes of the pattern to
 /// the first client, and a sink that reads `len` bytes from its first
 /// client and reports their count and SHA-256.
-fn host_servers(ns: &NetNs, len: u64) -> mpsc::Receiver<Result<(u64, String), String>> {
+/// The sink also reports how long the transfer took from its accept.
+fn host_servers(ns: &NetNs, len: u64) -> mpsc::Receiver<Result<(u64, String, Duration), String>> {
     let (tx, rx) = mpsc::channel();
     let (ready_tx, ready_rx) = mpsc::channel();
     let name = ns.0.clone();
@@ -142,6 +143,7 @@ fn host_servers(ns: &NetNs, len: u64) -> mpsc::Receiver<Result<(u64, String), St
         });
         let res = (|| {
             let (mut s, _) = sink.accept().map_err(|e| e.to_string())?;
+            let started = Instant::now();
             s.set_read_timeout(Some(Duration::from_secs(600)))
                 .map_err(|e| e.to_string())?;
             let mut h = Sha256::new();
@@ -156,7 +158,7 @@ fn host_servers(ns: &NetNs, len: u64) -> mpsc::Receiver<Result<(u64, String), St
                 h.update(&buf[..n]);
                 total += n as u64;
             }
-            Ok((total, format!("{:x}", h.finalize())))
+            Ok((total, format!("{:x}", h.finalize()), started.elapsed()))
         })();
         let _ = tx.send(res);
     });
@@ -215,10 +217,14 @@ fn tap_ping_and_tcp_both_ways() {
         "{ctx}"
     );
     assert!(console.contains("TCP-DONE"), "{ctx}");
-    let (total, sha) = results
+    let (total, sha, took) = results
         .recv_timeout(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("the sink reported nothing ({e}); {ctx}"))
         .unwrap_or_else(|e| panic!("the sink failed: {e}; {ctx}"));
+    eprintln!(
+        "net test: {mib} MiB each way through the guest in {took:?} ({:.1} MiB/s)",
+        mib as f64 / took.as_secs_f64()
+    );
     assert_eq!(total, len, "bytes back through the guest; {ctx}");
     assert_eq!(sha, expected_sha(len), "the guest's stream differs");
     drop(ns);
