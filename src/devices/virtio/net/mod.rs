@@ -17,9 +17,13 @@
 //!   what arrives) until the guest posts some. A frame larger than the
 //!   buffer is dropped and counted.
 //!
-//! No offloads are negotiated yet (no `CSUM`, `GUEST_CSUM`, TSO): the
-//! guest computes its checksums and segments, and the tap is told to hand
-//! over only complete frames (`TUNSETOFFLOAD` 0).
+//! Offloads (§5.1.6.2, §5.1.6.4): when the tap takes them, the device
+//! offers checksum offload and TCP segmentation (v4, v6) both ways (no
+//! ECN, UFO, mergeable buffers); the tap is told to hand over what the
+//! guest accepted (`TUNSETOFFLOAD`), and nothing before the guest has
+//! accepted it or after a reset. Headers are checked against the accepted
+//! features both ways: a segmented frame may be 64 KiB, an unsegmented
+//! one no longer than the MTU allows.
 //!
 //! The drop counters are logged when the device goes away (at exit).
 //!
@@ -49,6 +53,23 @@ pub const RXQ: usize = 0;
 pub const TXQ: usize = 1;
 const QUEUE_SIZES: &[u16] = &[256, 256];
 
+/// §5.1.3: the device takes frames with a partial checksum.
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+/// §5.1.3: the driver takes frames with a partial checksum.
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+/// §5.1.3: the driver takes TCPv4 and TCPv6 frames still to be segmented.
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+/// §5.1.3: the device takes TCPv4 and TCPv6 frames still to be segmented.
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+/// The offloads offered when the backend has them (no ECN, UFO, USO).
+pub const OFFLOADS: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6;
 /// §5.1.3: the device reports its maximum MTU in the config space.
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 /// §5.1.3: the device has given a MAC address in the config space.
@@ -60,8 +81,13 @@ const CONFIG_MTU_OFFSET: usize = 10;
 
 /// §5.1.6: `flags` bits of `virtio_net_hdr`.
 const HDR_F_NEEDS_CSUM: u8 = 1;
-/// §5.1.6: `gso_type` of a frame that is not to be segmented.
+const HDR_F_DATA_VALID: u8 = 2;
+/// §5.1.6: `gso_type`: not to be segmented, TCPv4, TCPv6.
 const HDR_GSO_NONE: u8 = 0;
+const HDR_GSO_TCPV4: u8 = 1;
+const HDR_GSO_TCPV6: u8 = 4;
+/// The largest frame to be segmented: a 64 KiB IP packet.
+const MAX_GSO_FRAME: usize = ETH_HLEN + VLAN_HLEN + 65535;
 /// §5.1.6: offset of `num_buffers` in the header.
 const HDR_NUM_BUFFERS: usize = 10;
 
@@ -73,7 +99,7 @@ const VLAN_HLEN: usize = 4;
 pub const DEFAULT_MTU: u16 = 1500;
 /// Largest frame a backend is read into, header included; one more byte
 /// tells a frame that did not fit.
-const MAX_RX_FRAME: usize = VNET_HDR_LEN + ETH_HLEN + VLAN_HLEN + 65535;
+const MAX_RX_FRAME: usize = VNET_HDR_LEN + MAX_GSO_FRAME;
 
 /// The backend's token as an event source.
 const BACKEND_TOKEN: u32 = 0;
@@ -199,8 +225,11 @@ pub struct Net {
     iface_id: String,
     config: [u8; CONFIG_SPACE_SIZE],
     avail_features: u64,
-    /// The longest frame the guest may send, Ethernet header included.
+    /// The longest frame the guest may send unsegmented, Ethernet header
+    /// included.
     max_tx_frame: usize,
+    /// The features the driver accepted (offloads), 0 while inactive.
+    acked: u64,
     backend: Box<dyn Backend>,
     /// One frame at a time, either way.
     buf: Vec<u8>,
@@ -224,6 +253,9 @@ impl Net {
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[CONFIG_MTU_OFFSET..].copy_from_slice(&mtu.to_le_bytes());
         let mut avail_features = features::COMMON | VIRTIO_NET_F_MAC;
+        if backend.offloads() {
+            avail_features |= OFFLOADS;
+        }
         if opts.mtu.is_some() {
             avail_features |= VIRTIO_NET_F_MTU;
         }
@@ -232,6 +264,7 @@ impl Net {
             config,
             avail_features,
             max_tx_frame: usize::from(mtu) + ETH_HLEN + VLAN_HLEN,
+            acked: 0,
             backend,
             buf: vec![0; MAX_RX_FRAME + 1],
             rx_buffers: Vec::new(),
@@ -295,7 +328,13 @@ impl Net {
 
     /// Gathers, checks and sends one frame.
     fn transmit(&mut self, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) {
-        let limit = VNET_HDR_LEN + self.max_tx_frame;
+        let tso = VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6;
+        let limit = VNET_HDR_LEN
+            + if self.acked & tso != 0 {
+                MAX_GSO_FRAME.max(self.max_tx_frame)
+            } else {
+                self.max_tx_frame
+            };
         let c = &mut self.counters;
         let mut len = 0usize;
         for desc in chain {
@@ -329,20 +368,28 @@ impl Net {
             debug!("net {}: tx chain of {len} bytes", self.iface_id);
             return;
         }
-        // §5.1.6.2: without VIRTIO_NET_F_CSUM and the HOST_* GSO features
-        // the driver sets neither NEEDS_CSUM nor a GSO type, and never
-        // DATA_VALID or RSC_INFO: flags and gso_type are 0.
-        let (flags, gso_type) = (self.buf[0], self.buf[1]);
-        if flags != 0 || gso_type != HDR_GSO_NONE {
-            c.tx_bad_header += 1;
-            debug!(
-                "net {}: tx header with flags {flags:#x}, gso_type {gso_type:#x}",
-                self.iface_id
-            );
-            return;
+        match check_tx_header(&self.buf[..len], self.acked, self.max_tx_frame) {
+            TxCheck::Ok => {}
+            TxCheck::Oversized => {
+                c.tx_oversized += 1;
+                debug!("net {}: unsegmented tx frame over the MTU", self.iface_id);
+                return;
+            }
+            TxCheck::Bad(why) => {
+                c.tx_bad_header += 1;
+                debug!("net {}: bad tx header: {why}", self.iface_id);
+                return;
+            }
         }
-        // The backend gets a header of kiln's own, not the guest's.
-        self.buf[..VNET_HDR_LEN].fill(0);
+        // The backend gets the checked fields only: checksum fields only
+        // with NEEDS_CSUM, GSO fields only with a GSO type, num_buffers 0.
+        if self.buf[0] & HDR_F_NEEDS_CSUM == 0 {
+            self.buf[6..10].fill(0);
+        }
+        if self.buf[1] == HDR_GSO_NONE {
+            self.buf[2..6].fill(0);
+        }
+        self.buf[HDR_NUM_BUFFERS..VNET_HDR_LEN].fill(0);
         match self.backend.write_frame(&self.buf[..len]) {
             Ok(()) => c.tx_frames += 1,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -438,20 +485,11 @@ impl Net {
             debug!("net {}: rx frame of {n} bytes", self.iface_id);
             return None;
         }
-        // §5.1.6.4: without GUEST_CSUM and GUEST_TSO*, flags and gso_type
-        // are 0. The tap sets DATA_VALID on frames it checked (which the
-        // guest would then not check): cleared. A partial checksum or a
-        // GSO frame cannot be handed over without those features.
-        let (flags, gso_type) = (self.buf[0], self.buf[1]);
-        if flags & HDR_F_NEEDS_CSUM != 0 || gso_type != HDR_GSO_NONE {
+        if let Err(why) = fix_rx_header(&mut self.buf[..n], self.acked) {
             c.rx_bad_frame += 1;
-            debug!(
-                "net {}: rx header with flags {flags:#x}, gso_type {gso_type:#x}",
-                self.iface_id
-            );
+            debug!("net {}: rx frame dropped: {why}", self.iface_id);
             return None;
         }
-        self.buf[..VNET_HDR_LEN].fill(0);
         // §5.1.6.4: num_buffers is 1 without VIRTIO_NET_F_MRG_RXBUF.
         self.buf[HDR_NUM_BUFFERS..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
         let room = self
@@ -483,6 +521,111 @@ impl Net {
         // n <= MAX_RX_FRAME, which fits a u32.
         Some(u32::try_from(n).unwrap_or(0))
     }
+}
+
+/// What [`check_tx_header`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum TxCheck {
+    Ok,
+    /// An unsegmented frame longer than the MTU allows.
+    Oversized,
+    /// A header the driver may not send with the features it accepted.
+    Bad(&'static str),
+}
+
+fn le16(b: &[u8], at: usize) -> usize {
+    usize::from(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// Checks the header of `frame` (header included, at least header and
+/// Ethernet header long) against §5.1.6.2 and the accepted features
+/// `acked`; `max_frame` is the longest unsegmented frame.
+fn check_tx_header(frame: &[u8], acked: u64, max_frame: usize) -> TxCheck {
+    let (flags, gso_type) = (frame[0], frame[1]);
+    let body = frame.len() - VNET_HDR_LEN;
+    // The driver never sets DATA_VALID or RSC_INFO.
+    if flags & !HDR_F_NEEDS_CSUM != 0 {
+        return TxCheck::Bad("flags other than NEEDS_CSUM");
+    }
+    let needs_csum = flags & HDR_F_NEEDS_CSUM != 0;
+    if needs_csum {
+        if acked & VIRTIO_NET_F_CSUM == 0 {
+            return TxCheck::Bad("NEEDS_CSUM without VIRTIO_NET_F_CSUM");
+        }
+        // The 16-bit checksum is written at csum_start + csum_offset.
+        if le16(frame, 6) + le16(frame, 8) + 2 > body {
+            return TxCheck::Bad("checksum outside the frame");
+        }
+    }
+    let allowed = match gso_type {
+        HDR_GSO_NONE => {
+            return if body > max_frame {
+                TxCheck::Oversized
+            } else {
+                TxCheck::Ok
+            };
+        }
+        HDR_GSO_TCPV4 => acked & VIRTIO_NET_F_HOST_TSO4 != 0,
+        HDR_GSO_TCPV6 => acked & VIRTIO_NET_F_HOST_TSO6 != 0,
+        _ => false,
+    };
+    if !allowed {
+        return TxCheck::Bad("a GSO type not negotiated");
+    }
+    // §5.1.6.2: segmentation needs the checksum offload, and a size.
+    if !needs_csum || le16(frame, 4) == 0 {
+        return TxCheck::Bad("GSO without NEEDS_CSUM or gso_size");
+    }
+    TxCheck::Ok
+}
+
+/// The tap offloads (`TUN_F_*`) matching what the guest accepts.
+fn tun_offloads(acked: u64) -> u32 {
+    if acked & VIRTIO_NET_F_GUEST_CSUM == 0 {
+        // TSO without checksum offload is not a thing (the tap refuses it).
+        return 0;
+    }
+    let mut flags = tap::TUN_F_CSUM;
+    if acked & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+        flags |= tap::TUN_F_TSO4;
+    }
+    if acked & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+        flags |= tap::TUN_F_TSO6;
+    }
+    flags
+}
+
+/// Makes the header of a frame from the backend one the guest may get
+/// (§5.1.6.4) given the features it accepted, or says why it cannot.
+fn fix_rx_header(frame: &mut [u8], acked: u64) -> Result<(), &'static str> {
+    let (flags, gso_type) = (frame[0], frame[1]);
+    if flags & !(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 {
+        return Err("unknown flags");
+    }
+    let allowed = match gso_type {
+        HDR_GSO_NONE => true,
+        HDR_GSO_TCPV4 => acked & VIRTIO_NET_F_GUEST_TSO4 != 0,
+        HDR_GSO_TCPV6 => acked & VIRTIO_NET_F_GUEST_TSO6 != 0,
+        _ => false,
+    };
+    if !allowed {
+        return Err("a GSO type the guest did not accept");
+    }
+    if acked & VIRTIO_NET_F_GUEST_CSUM == 0 {
+        // The tap marks frames it checked DATA_VALID; without GUEST_CSUM
+        // flags must be 0 (the guest checks for itself). A partial
+        // checksum cannot be handed over.
+        if flags & HDR_F_NEEDS_CSUM != 0 {
+            return Err("a partial checksum the guest did not accept");
+        }
+        frame[..VNET_HDR_LEN].fill(0);
+    } else if flags & HDR_F_NEEDS_CSUM != 0 {
+        let body = frame.len() - VNET_HDR_LEN;
+        if le16(frame, 6) + le16(frame, 8) + 2 > body {
+            return Err("checksum outside the frame");
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Net {
@@ -527,8 +670,27 @@ impl VirtioDevice for Net {
         read_config_space(&self.config, offset, data);
     }
 
+    fn activate(&mut self, active: &mut Active) {
+        self.acked = active.acked_features;
+        let flags = tun_offloads(self.acked);
+        if let Err(e) = self.backend.set_offload(flags) {
+            // The tap then hands over only complete frames: slower, correct.
+            warn!(
+                "net {}: cannot set the tap's offloads to {flags:#x}: {e}",
+                self.iface_id
+            );
+        }
+    }
+
     fn reset(&mut self) {
         self.rx_starved = false;
+        self.acked = 0;
+        if let Err(e) = self.backend.set_offload(0) {
+            warn!(
+                "net {}: cannot turn the tap's offloads off: {e}",
+                self.iface_id
+            );
+        }
     }
 
     fn process_queue(

@@ -19,6 +19,11 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// linux/if_tun.h: `TUNSETVNETHDRSZ`, `_IOW('T', 216, int)`.
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 
+/// linux/if_tun.h `TUN_F_*`: what the tap may hand us, for TUNSETOFFLOAD.
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
+
 /// The header in front of every frame a backend moves: virtio 1.2 §5.1.6's
 /// `virtio_net_hdr` with `num_buffers` (always there with VERSION_1).
 pub const VNET_HDR_LEN: usize = 12;
@@ -34,11 +39,18 @@ pub trait Backend: Send {
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
     /// The fd the event loop watches for readable frames.
     fn fd(&self) -> RawFd;
+    /// Whether frames with partial checksums and TCP segmentation left to
+    /// do (`virtio_net_hdr` offloads) can go both ways.
+    fn offloads(&self) -> bool;
+    /// Which `TUN_F_*` offloads frames read from the backend may use: what
+    /// the guest accepted.
+    fn set_offload(&mut self, flags: u32) -> io::Result<()>;
 }
 
 /// An existing tap device, attached to by name.
 pub struct Tap {
     file: File,
+    offloads: bool,
 }
 
 /// `ifreq` for TUNSETIFF: the name and the flags.
@@ -94,13 +106,21 @@ impl Tap {
                 io::Error::last_os_error(),
             ));
         }
-        let t = Self { file };
-        t.set_offload(0).map_err(tap("turn offloads off on"))?;
+        let mut t = Self {
+            file,
+            offloads: false,
+        };
+        // Offered to the guest only if the tap takes them; off until the
+        // guest accepts them.
+        t.offloads = t
+            .tun_set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            .is_ok();
+        t.tun_set_offload(0).map_err(tap("turn offloads off on"))?;
         Ok(t)
     }
 
     /// `TUNSETOFFLOAD`: which `TUN_F_*` offloads the tap may hand us.
-    pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+    fn tun_set_offload(&self, flags: u32) -> io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes its argument by value; `file` is a
         // tun fd attached to a tap.
         if unsafe { ioctl_with_val(&self.file, TUNSETOFFLOAD, libc::c_ulong::from(flags)) } < 0 {
@@ -122,6 +142,14 @@ impl Backend for Tap {
 
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    fn offloads(&self) -> bool {
+        self.offloads
+    }
+
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        self.tun_set_offload(flags)
     }
 }
 

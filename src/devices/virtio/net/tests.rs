@@ -4,6 +4,8 @@
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -16,18 +18,38 @@ const TX_BUF: u64 = 0x2_0000;
 const RX_BUF: u64 = 0x4_0000;
 const MAC: [u8; 6] = [0x06, 0, 0xac, 0x10, 0, 2];
 
-/// A tap stand-in: one datagram is one frame.
-struct Fake(UnixDatagram);
+/// A tap stand-in: one datagram is one frame; `offloads` says whether it
+/// takes them, `flags` what the device last set.
+struct Fake {
+    sock: UnixDatagram,
+    offloads: bool,
+    flags: Arc<AtomicU32>,
+}
+
+fn fake(sock: UnixDatagram) -> Box<Fake> {
+    Box::new(Fake {
+        sock,
+        offloads: false,
+        flags: Arc::default(),
+    })
+}
 
 impl Backend for Fake {
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.recv(buf)
+        self.sock.recv(buf)
     }
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.0.send(frame).map(|_| ())
+        self.sock.send(frame).map(|_| ())
     }
     fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.sock.as_raw_fd()
+    }
+    fn offloads(&self) -> bool {
+        self.offloads
+    }
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        self.flags.store(flags, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -141,6 +163,8 @@ struct Guest {
     /// The host's end of the "tap".
     host: UnixDatagram,
     dev_fd: RawFd,
+    /// The tap offloads the device set last.
+    tun_flags: Arc<AtomicU32>,
 }
 
 fn opts(mtu: Option<u16>) -> NetOptions {
@@ -153,14 +177,26 @@ fn opts(mtu: Option<u16>) -> NetOptions {
 
 impl Guest {
     fn new(mtu: Option<u16>) -> Self {
+        Self::with(mtu, false, 0)
+    }
+
+    /// A tap that takes offloads, and a driver accepting `feats` of them.
+    fn offloading(feats: u64) -> Self {
+        Self::with(None, true, feats)
+    }
+
+    fn with(mtu: Option<u16>, offloads: bool, feats: u64) -> Self {
         let (ours, host) = UnixDatagram::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         host.set_nonblocking(true).unwrap();
         let dev_fd = ours.as_raw_fd();
-        let dev = slot(Net::new(&opts(mtu), Box::new(Fake(ours))));
+        let mut backend = fake(ours);
+        backend.offloads = offloads;
+        let tun_flags = backend.flags.clone();
+        let dev = slot(Net::new(&opts(mtu), backend));
         let mem = guest_mem();
         let mut d = Driver::new(dev.clone(), mem.clone());
-        assert!(d.negotiate(features::VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC));
+        assert!(d.negotiate(features::VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | feats));
         let (rx, tx) = (Ring::new(0), Ring::new(1));
         rx.program(&mut d);
         tx.program(&mut d);
@@ -174,6 +210,7 @@ impl Guest {
             watched: Watched::default(),
             host,
             dev_fd,
+            tun_flags,
         };
         g.dev.lock().unwrap().sync_sources(&mut g.watched);
         g
@@ -480,7 +517,7 @@ fn snapshots_keep_the_mac_and_mtu() {
     let g = Guest::new(Some(9000));
     let saved = g.dev.lock().unwrap().device.save_state().unwrap();
     let (a, _b) = UnixDatagram::pair().unwrap();
-    let mut same = Net::new(&opts(Some(9000)), Box::new(Fake(a)));
+    let mut same = Net::new(&opts(Some(9000)), fake(a));
     same.restore_state(saved.as_ref()).unwrap();
     for other in [
         NetOptions {
@@ -491,9 +528,131 @@ fn snapshots_keep_the_mac_and_mtu() {
         opts(None),
     ] {
         let (a, _b) = UnixDatagram::pair().unwrap();
-        let mut dev = Net::new(&other, Box::new(Fake(a)));
+        let mut dev = Net::new(&other, fake(a));
         let e = dev.restore_state(saved.as_ref()).unwrap_err();
         assert!(e.to_string().contains("\"eth0\""), "{e}");
         assert!(dev.restore_state(None).is_err());
     }
+}
+
+const ALL_GUEST: u64 = VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6;
+
+/// A header: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
+fn hdr(flags: u8, gso: u8, gso_size: u16, csum_start: u16, csum_offset: u16) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[0] = flags;
+    h[1] = gso;
+    if gso != 0 {
+        h[2..4].copy_from_slice(&54u16.to_le_bytes());
+    }
+    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    h[6..8].copy_from_slice(&csum_start.to_le_bytes());
+    h[8..10].copy_from_slice(&csum_offset.to_le_bytes());
+    h
+}
+
+#[test]
+fn offloads_follow_the_tap_and_the_guest() {
+    let g = Guest::offloading(OFFLOADS);
+    let dev = g.dev.lock().unwrap();
+    assert_eq!(dev.device.avail_features() & OFFLOADS, OFFLOADS);
+    drop(dev);
+    let all = tap::TUN_F_CSUM | tap::TUN_F_TSO4 | tap::TUN_F_TSO6;
+    assert_eq!(g.tun_flags.load(Ordering::SeqCst), all);
+    // What the tap may hand over is only what the guest accepted.
+    for (feats, want) in [
+        (0, 0),
+        (VIRTIO_NET_F_GUEST_CSUM, tap::TUN_F_CSUM),
+        (VIRTIO_NET_F_GUEST_TSO4, 0),
+        (
+            VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO6,
+            tap::TUN_F_CSUM | tap::TUN_F_TSO6,
+        ),
+    ] {
+        let g = Guest::offloading(feats);
+        assert_eq!(g.tun_flags.load(Ordering::SeqCst), want, "{feats:#x}");
+    }
+    // A reset turns them off.
+    let mut g = Guest::offloading(OFFLOADS);
+    g.d.write(0x70, 0);
+    assert_eq!(g.tun_flags.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn offloaded_tx_frames_are_checked_and_passed_on() {
+    let mut g = Guest::offloading(VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4);
+    // A partial checksum and a 64 KiB TCPv4 frame go through, header kept.
+    let good = [
+        (hdr(1, 0, 0, 34, 16), 1514),
+        (hdr(1, 1, 1448, 34, 16), 65535 + 14),
+    ];
+    for (h, len) in good {
+        g.send(h, &frame(len));
+    }
+    let got = g.host_frames();
+    assert_eq!(got.len(), 2);
+    for ((h, len), f) in good.iter().zip(&got) {
+        assert_eq!(&f[..12], h);
+        assert_eq!(f.len(), 12 + len);
+    }
+    // Hostile headers: the checksum outside the frame, GSO without
+    // NEEDS_CSUM or size, TCPv6 and UDP GSO (not accepted), ECN, DATA_VALID.
+    let bad = [
+        hdr(1, 0, 0, 61, 0),
+        hdr(1, 0, 0, 0xffff, 0xffff),
+        hdr(0, 1, 1448, 0, 0),
+        hdr(1, 1, 0, 34, 16),
+        hdr(1, 4, 1448, 54, 16),
+        hdr(1, 3, 1448, 34, 6),
+        hdr(1, 0x81, 1448, 34, 16),
+        hdr(3, 0, 0, 34, 16),
+    ];
+    for h in bad {
+        g.send(h, &frame(62));
+    }
+    // Unsegmented over the MTU, segmented over 64 KiB.
+    g.send(hdr(1, 0, 0, 34, 16), &frame(1519));
+    let mut big = hdr(1, 1, 1448, 34, 16).to_vec();
+    big.extend_from_slice(&frame(65535 + 19));
+    let len = u32::try_from(big.len()).unwrap();
+    g.send_raw(&big, &[(TX_BUF, len, false)]);
+    assert!(g.host_frames().is_empty());
+    let c = g.counters();
+    assert_eq!((c.tx_bad_header, c.tx_oversized), (8, 2), "{c:?}");
+    assert!(!g.d.needs_reset());
+}
+
+#[test]
+fn offloaded_rx_frames_keep_their_header_when_accepted() {
+    let mut g = Guest::offloading(ALL_GUEST & !VIRTIO_NET_F_GUEST_TSO6);
+    for i in 0..4 {
+        g.post_rx(i, 0xffff);
+    }
+    let frames = [
+        (hdr(1, 0, 0, 34, 16), 1514, true),
+        (hdr(2, 0, 0, 0, 0), 1514, true),
+        (hdr(1, 1, 1448, 34, 16), 30000, true),
+        // Not accepted: TCPv6, UDP, ECN; a checksum outside the frame.
+        (hdr(1, 4, 1448, 54, 16), 3000, false),
+        (hdr(1, 3, 1448, 34, 6), 3000, false),
+        (hdr(1, 0x81, 1448, 34, 16), 3000, false),
+        (hdr(1, 0, 0, 100, 0), 60, false),
+        (hdr(4, 0, 0, 0, 0), 60, false),
+    ];
+    for (h, len, _) in &frames {
+        let mut raw = h.to_vec();
+        raw.extend_from_slice(&frame(*len));
+        g.host.send(&raw).unwrap();
+    }
+    g.tap_readable();
+    let got = g.received();
+    let want: Vec<_> = frames.iter().filter(|f| f.2).collect();
+    assert_eq!(got.len(), want.len());
+    for ((h, frame_len, _), (gh, gf)) in want.iter().zip(&got) {
+        let mut h = h.to_vec();
+        h[10] = 1; // num_buffers
+        assert_eq!(gh, &h);
+        assert_eq!(gf.len(), *frame_len);
+    }
+    assert_eq!(g.counters().rx_bad_frame, 5);
 }
