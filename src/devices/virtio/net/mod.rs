@@ -31,6 +31,7 @@
 //! same), the queues (the transport's part). Frames in flight are not kept,
 //! as a network may lose them; the tap is opened again from the config.
 
+mod header;
 pub mod tap;
 
 #[cfg(test)]
@@ -43,6 +44,10 @@ use log::{debug, warn};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
+use self::header::{
+    check_tx_header, fix_rx_header, tun_offloads, TxCheck, HDR_F_NEEDS_CSUM, HDR_GSO_NONE,
+    HDR_NUM_BUFFERS,
+};
 use self::tap::{Backend, VNET_HDR_LEN};
 use super::queue::{Outcome, MAX_CHAINS_PER_DRAIN};
 use super::{device_type, features, read_config_space, Active, GuestMem, Sources, VirtioDevice};
@@ -79,17 +84,8 @@ pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const CONFIG_SPACE_SIZE: usize = 12;
 const CONFIG_MTU_OFFSET: usize = 10;
 
-/// §5.1.6: `flags` bits of `virtio_net_hdr`.
-const HDR_F_NEEDS_CSUM: u8 = 1;
-const HDR_F_DATA_VALID: u8 = 2;
-/// §5.1.6: `gso_type`: not to be segmented, TCPv4, TCPv6.
-const HDR_GSO_NONE: u8 = 0;
-const HDR_GSO_TCPV4: u8 = 1;
-const HDR_GSO_TCPV6: u8 = 4;
 /// The largest frame to be segmented: a 64 KiB IP packet.
 const MAX_GSO_FRAME: usize = ETH_HLEN + VLAN_HLEN + 65535;
-/// §5.1.6: offset of `num_buffers` in the header.
-const HDR_NUM_BUFFERS: usize = 10;
 
 /// An Ethernet header: the shortest frame kiln forwards.
 const ETH_HLEN: usize = 14;
@@ -521,111 +517,6 @@ impl Net {
         // n <= MAX_RX_FRAME, which fits a u32.
         Some(u32::try_from(n).unwrap_or(0))
     }
-}
-
-/// What [`check_tx_header`] found.
-#[derive(Debug, PartialEq, Eq)]
-enum TxCheck {
-    Ok,
-    /// An unsegmented frame longer than the MTU allows.
-    Oversized,
-    /// A header the driver may not send with the features it accepted.
-    Bad(&'static str),
-}
-
-fn le16(b: &[u8], at: usize) -> usize {
-    usize::from(u16::from_le_bytes([b[at], b[at + 1]]))
-}
-
-/// Checks the header of `frame` (header included, at least header and
-/// Ethernet header long) against §5.1.6.2 and the accepted features
-/// `acked`; `max_frame` is the longest unsegmented frame.
-fn check_tx_header(frame: &[u8], acked: u64, max_frame: usize) -> TxCheck {
-    let (flags, gso_type) = (frame[0], frame[1]);
-    let body = frame.len() - VNET_HDR_LEN;
-    // The driver never sets DATA_VALID or RSC_INFO.
-    if flags & !HDR_F_NEEDS_CSUM != 0 {
-        return TxCheck::Bad("flags other than NEEDS_CSUM");
-    }
-    let needs_csum = flags & HDR_F_NEEDS_CSUM != 0;
-    if needs_csum {
-        if acked & VIRTIO_NET_F_CSUM == 0 {
-            return TxCheck::Bad("NEEDS_CSUM without VIRTIO_NET_F_CSUM");
-        }
-        // The 16-bit checksum is written at csum_start + csum_offset.
-        if le16(frame, 6) + le16(frame, 8) + 2 > body {
-            return TxCheck::Bad("checksum outside the frame");
-        }
-    }
-    let allowed = match gso_type {
-        HDR_GSO_NONE => {
-            return if body > max_frame {
-                TxCheck::Oversized
-            } else {
-                TxCheck::Ok
-            };
-        }
-        HDR_GSO_TCPV4 => acked & VIRTIO_NET_F_HOST_TSO4 != 0,
-        HDR_GSO_TCPV6 => acked & VIRTIO_NET_F_HOST_TSO6 != 0,
-        _ => false,
-    };
-    if !allowed {
-        return TxCheck::Bad("a GSO type not negotiated");
-    }
-    // §5.1.6.2: segmentation needs the checksum offload, and a size.
-    if !needs_csum || le16(frame, 4) == 0 {
-        return TxCheck::Bad("GSO without NEEDS_CSUM or gso_size");
-    }
-    TxCheck::Ok
-}
-
-/// The tap offloads (`TUN_F_*`) matching what the guest accepts.
-fn tun_offloads(acked: u64) -> u32 {
-    if acked & VIRTIO_NET_F_GUEST_CSUM == 0 {
-        // TSO without checksum offload is not a thing (the tap refuses it).
-        return 0;
-    }
-    let mut flags = tap::TUN_F_CSUM;
-    if acked & VIRTIO_NET_F_GUEST_TSO4 != 0 {
-        flags |= tap::TUN_F_TSO4;
-    }
-    if acked & VIRTIO_NET_F_GUEST_TSO6 != 0 {
-        flags |= tap::TUN_F_TSO6;
-    }
-    flags
-}
-
-/// Makes the header of a frame from the backend one the guest may get
-/// (§5.1.6.4) given the features it accepted, or says why it cannot.
-fn fix_rx_header(frame: &mut [u8], acked: u64) -> Result<(), &'static str> {
-    let (flags, gso_type) = (frame[0], frame[1]);
-    if flags & !(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 {
-        return Err("unknown flags");
-    }
-    let allowed = match gso_type {
-        HDR_GSO_NONE => true,
-        HDR_GSO_TCPV4 => acked & VIRTIO_NET_F_GUEST_TSO4 != 0,
-        HDR_GSO_TCPV6 => acked & VIRTIO_NET_F_GUEST_TSO6 != 0,
-        _ => false,
-    };
-    if !allowed {
-        return Err("a GSO type the guest did not accept");
-    }
-    if acked & VIRTIO_NET_F_GUEST_CSUM == 0 {
-        // The tap marks frames it checked DATA_VALID; without GUEST_CSUM
-        // flags must be 0 (the guest checks for itself). A partial
-        // checksum cannot be handed over.
-        if flags & HDR_F_NEEDS_CSUM != 0 {
-            return Err("a partial checksum the guest did not accept");
-        }
-        frame[..VNET_HDR_LEN].fill(0);
-    } else if flags & HDR_F_NEEDS_CSUM != 0 {
-        let body = frame.len() - VNET_HDR_LEN;
-        if le16(frame, 6) + le16(frame, 8) + 2 > body {
-            return Err("checksum outside the frame");
-        }
-    }
-    Ok(())
 }
 
 impl Drop for Net {
