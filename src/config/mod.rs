@@ -8,6 +8,7 @@
 
 mod files;
 mod fs;
+mod net;
 #[cfg(test)]
 mod schema_tests;
 mod sections;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 pub use files::MAX_CONFIG_BYTES;
 pub use fs::{FsConfig, MAX_FS_TAG};
+pub use net::{parse_mac, MAX_HOST_DEV_NAME};
 
 use crate::hostfile::{self, Kind, Quoted};
 pub use sections::*;
@@ -231,6 +233,14 @@ pub enum Error {
         /// The path as written.
         path: PathBuf,
     },
+    /// A `network-interfaces` entry kiln cannot use.
+    #[error("{field}: {reason}")]
+    NetInterface {
+        /// `network-interfaces[N].<field> (iface_id ...)`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A NUL byte in the kernel command line (it would truncate it).
     #[error("boot-source.boot_args must not contain a NUL byte, found one at byte {offset}")]
     BootArgsNul {
@@ -256,7 +266,7 @@ pub struct VmConfig {
     /// `drives`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub drives: Vec<BlockDeviceConfig>,
-    /// `network-interfaces` (must be empty for now).
+    /// `network-interfaces`: virtio-net devices on host taps.
     #[serde(
         rename = "network-interfaces",
         default,
@@ -372,6 +382,7 @@ impl VmConfig {
         self.machine_config.check_vcpus()?;
         self.boot_source.check_boot_args()?;
         check_drive_ids(&self.drives)?;
+        net::check(&self.network_interfaces)?;
         self.check_supported()?;
         check_mem_size_on_host(self.machine_config.mem_size_mib)?;
         self.boot_source.check_files()?;
@@ -422,9 +433,6 @@ impl VmConfig {
                     drive.drive_id
                 );
             }
-        }
-        if !self.network_interfaces.is_empty() {
-            return unsupported("network-interfaces");
         }
         if self.balloon.is_some() {
             return unsupported("balloon");

@@ -259,10 +259,6 @@ fn unsupported_sections() {
     let files = Files::new();
     let cases = [
         (
-            "network-interfaces",
-            json!([{ "iface_id": "eth0", "host_dev_name": "tap0" }]),
-        ),
-        (
             "balloon",
             json!({ "amount_mib": 0, "deflate_on_oom": true }),
         ),

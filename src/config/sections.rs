@@ -207,7 +207,8 @@ pub struct BlockDeviceConfig {
     pub socket: Option<PathBuf>,
 }
 
-/// One entry of `network-interfaces`: a virtio-net device (not supported yet).
+/// One entry of `network-interfaces`: a virtio-net device on an existing
+/// host tap (see [`super::net`]).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterfaceConfig {

@@ -32,6 +32,7 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SerialDevice, SerialInput, SerialSnapshot};
 use crate::devices::virtio::block::{self, Block};
 use crate::devices::virtio::fs::{self, guard::FdBudget, Fs, FsOptions};
+use crate::devices::virtio::net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{self, Vsock, VsockOptions};
 use crate::devices::virtio::{
@@ -102,6 +103,13 @@ pub enum Error {
     },
     #[error("cannot create the vsock device")]
     Vsock(#[source] vsock::Error),
+    #[error("network-interfaces[{index}] (iface_id {iface_id:?})")]
+    Net {
+        index: usize,
+        iface_id: String,
+        #[source]
+        source: net::Error,
+    },
     #[error("cannot share fs[{index}] (tag {tag:?})")]
     Fs {
         index: usize,
@@ -437,6 +445,15 @@ impl Vmm {
                 })?;
                 virtio.attach(&format!("fs {}", share.tag), dev)?;
             }
+        }
+        // Last, so that no other device moves for them.
+        for (index, iface) in config.network_interfaces.iter().enumerate() {
+            let dev = net::from_config(iface).map_err(|source| Error::Net {
+                index,
+                iface_id: iface.iface_id.clone(),
+                source,
+            })?;
+            virtio.attach(&format!("net {}", iface.iface_id), dev)?;
         }
         if let Some(saved) = virtio.saved {
             snapshot::no_more_devices(saved, virtio.devices.len())?;

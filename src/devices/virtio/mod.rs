@@ -1,7 +1,7 @@
 //! Virtio devices (virtio 1.2) behind the virtio-mmio transport.
 //!
 //! The split is the one the spec makes:
-//! - a [`VirtioDevice`] (block, rng, vsock) knows its queues, features and
+//! - a [`VirtioDevice`] (block, net, rng, vsock, fs) knows its queues, features and
 //!   config space, and processes requests; it never sees the bus;
 //! - a [`Slot`] holds the device and, between DRIVER_OK and reset, its
 //!   [`Active`] state (memory, queues, features, interrupt): the activation
@@ -25,6 +25,7 @@
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod state;
@@ -89,6 +90,8 @@ pub mod interrupt_bits {
 
 /// Device IDs (virtio 1.2 §5).
 pub mod device_type {
+    /// §5.1 network device.
+    pub const NET: u32 = 1;
     /// §5.2 block device.
     pub const BLOCK: u32 = 2;
     /// §5.4 entropy device.
