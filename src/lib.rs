@@ -18,6 +18,7 @@ pub mod memory;
 pub mod protocol;
 pub mod quirks;
 pub mod run;
+pub mod seccomp;
 pub mod snapshot;
 pub mod terminal;
 pub mod vcpu;
