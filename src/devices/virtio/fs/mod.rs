@@ -3,15 +3,17 @@
 //! kiln's [`guard::Guard`] policy).
 //!
 //! Queues: hiprio (FORGET, INTERRUPT) and one request queue. Requests run on
-//! a worker thread of the device's own, started when the driver sets
-//! DRIVER_OK and joined at reset: a slow request (a big read, a slow disk)
-//! stalls neither the vCPUs nor the other devices on the event loop. The
-//! worker waits on the queues' notification eventfds itself, so a request
-//! costs no hop through the event loop.
+//! a worker thread of the device's own ([`worker`]), started with the
+//! device, given the queues when the driver sets DRIVER_OK and made to let
+//! go of them at reset: a slow request (a big read, a slow disk) stalls
+//! neither the vCPUs nor the other devices on the event loop. The worker
+//! waits on the queues' notification eventfds itself, so a request costs no
+//! hop through the event loop.
 //!
 //! The guest mounts it with `mount -t virtiofs <tag> <dir>`.
 
 pub mod guard;
+mod worker;
 
 #[cfg(test)]
 mod tests;
@@ -21,24 +23,17 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use log::{debug, error};
-use std::os::fd::AsRawFd;
-
-use virtio_queue::{DescriptorChain, Queue};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use virtio_queue::DescriptorChain;
 
 use self::guard::{FdBudget, Guard};
-use super::queue::{Cursor, Outcome};
-use super::{
-    device_type, features, read_config_space, Active, GuestMem, Interrupt, Sources, VirtioDevice,
-};
+use self::worker::{Job, Share, Worker};
+use super::{device_type, features, read_config_space, Active, GuestMem, Sources, VirtioDevice};
 
 /// §5.11.2: hiprio, then the request queues.
 pub const HIPRIO_QUEUE: usize = 0;
@@ -149,128 +144,18 @@ pub fn handle_chain(server: &FsServer, chain: DescriptorChain<&GuestMem>, mem: &
     }
 }
 
-/// The thread that serves the queues while the device is active.
-struct Worker {
-    stop: EventFd,
-    thread: JoinHandle<()>,
-}
-
-/// What the worker owns: the queues taken from the activation and the
-/// eventfds the driver's notifications arrive on.
-struct Queues {
-    used: Arc<AtomicBool>,
-    server: Arc<FsServer>,
-    mem: GuestMem,
-    interrupt: Interrupt,
-    queues: Vec<Queue>,
-    notify: Vec<EventFd>,
-}
-
-impl Queues {
-    /// Serves every queue until none has work left. Returns whether the
-    /// per-pass budget ran out with work left.
-    fn serve_all(&mut self) -> bool {
-        let mut more = false;
-        for q in &mut self.queues {
-            if !virtio_queue::QueueT::ready(q) {
-                continue;
-            }
-            let server = &self.server;
-            let used = &self.used;
-            let cursor = Cursor::new(q, &self.mem, &self.interrupt);
-            more |= cursor.drain(|chain, mem| {
-                used.store(true, Ordering::SeqCst);
-                Outcome::Used(handle_chain(server, chain, mem))
-            });
-        }
-        more
-    }
-}
-
-/// epoll data of the stop eventfd; queue `i` uses `i`.
-const STOP_TOKEN: u64 = u64::MAX;
-
-impl Worker {
-    /// Starts the thread: it waits on the queues' notification eventfds
-    /// itself (no hop through the event loop) and on a stop eventfd.
-    fn start(mut queues: Queues, tag: &str) -> Result<Self, Error> {
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::Wakeup)?;
-        let epoll = Epoll::new().map_err(Error::Wakeup)?;
-        let watch = |fd: &EventFd, token: u64| {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(Error::Wakeup)
-        };
-        watch(&stop, STOP_TOKEN)?;
-        for (i, evt) in queues.notify.iter().enumerate() {
-            watch(evt, u64::try_from(i).unwrap_or(STOP_TOKEN - 1))?;
-        }
-        let stop_evt = stop.try_clone().map_err(Error::Wakeup)?;
-        let thread = std::thread::Builder::new()
-            .name(format!("kiln-fs-{tag}"))
-            .spawn(move || {
-                let mut events = [EpollEvent::default(); 4];
-                // Requests made before the worker existed.
-                let mut more = true;
-                loop {
-                    if more {
-                        more = queues.serve_all();
-                    }
-                    // With work left, only look for a stop and go on.
-                    let timeout = if more { 0 } else { -1 };
-                    let n = match epoll.wait(timeout, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            error!("virtio-fs worker: cannot wait for work: {e}");
-                            return;
-                        }
-                    };
-                    for e in &events[..n] {
-                        if e.data() == STOP_TOKEN {
-                            return;
-                        }
-                        // Drains the counter; a failure means it was 0.
-                        let i = usize::try_from(e.data()).unwrap_or(usize::MAX);
-                        if let Some(evt) = queues.notify.get(i) {
-                            let _ = evt.read();
-                        }
-                        more = true;
-                    }
-                }
-            })
-            .map_err(Error::Thread)?;
-        Ok(Self {
-            stop: stop_evt,
-            thread,
-        })
-    }
-
-    fn stop(self) {
-        let _ = self.stop.write(1);
-        if self.thread.join().is_err() {
-            error!("virtio-fs worker panicked");
-        }
-    }
-}
-
 pub struct Fs {
     opts: FsOptions,
     config: [u8; CONFIG_SPACE_SIZE],
-    budget: Arc<FdBudget>,
-    worker: Option<Worker>,
+    worker: Worker,
     /// Set once the guest sent a request (a mount starts with FUSE_INIT):
     /// from then on the server holds state a snapshot cannot.
     used: Arc<AtomicBool>,
 }
 
 impl Fs {
-    /// Checks the options; the folder is opened at each activation (a
-    /// driver reset starts over with a fresh server).
+    /// Checks the options and starts the worker; the folder is opened at
+    /// each activation (a driver reset starts over with a fresh server).
     pub fn new(opts: FsOptions, budget: Arc<FdBudget>) -> Result<Self, Error> {
         let tag = opts.tag.as_bytes();
         if tag.is_empty() || tag.len() > TAG_MAX {
@@ -281,25 +166,20 @@ impl Fs {
         config[TAG_MAX..].copy_from_slice(&1u32.to_le_bytes());
         // Fail now, with the path in the message, rather than at DRIVER_OK.
         drop(serve(&opts.path, opts.read_only, budget.clone())?);
+        let used = Arc::new(AtomicBool::new(false));
+        let share = Share {
+            path: opts.path.clone(),
+            read_only: opts.read_only,
+            budget,
+            used: used.clone(),
+        };
+        let worker = Worker::start(share, &opts.tag)?;
         Ok(Self {
             opts,
             config,
-            budget,
-            worker: None,
-            used: Arc::new(AtomicBool::new(false)),
+            worker,
+            used,
         })
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -354,34 +234,16 @@ impl VirtioDevice for Fs {
     }
 
     fn activate(&mut self, active: &mut Active) {
-        self.stop_worker();
-        let server = match serve(&self.opts.path, self.opts.read_only, self.budget.clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                error!("virtio-fs {}: {}", self.opts.tag, crate::error_chain(&e));
-                active.interrupt.set_needs_reset();
-                return;
-            }
-        };
-        let queues = Queues {
-            used: self.used.clone(),
-            server,
+        self.worker.serve(Job {
             mem: active.mem.clone(),
             interrupt: active.interrupt.clone(),
             queues: active.queues.iter_mut().map(std::mem::take).collect(),
             notify: std::mem::take(&mut active.queue_evts),
-        };
-        match Worker::start(queues, &self.opts.tag) {
-            Ok(w) => self.worker = Some(w),
-            Err(e) => {
-                error!("virtio-fs {}: {}", self.opts.tag, crate::error_chain(&e));
-                active.interrupt.set_needs_reset();
-            }
-        }
+        });
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker.stop();
     }
 
     fn waits_on_queues(&self) -> bool {
