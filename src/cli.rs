@@ -50,6 +50,13 @@ pub struct Cli {
     #[arg(long, value_name = "DIR")]
     pub restore_from: Option<PathBuf>,
 
+    /// Turn kiln's seccomp filters off, for debugging only. By default each
+    /// kiln thread may make only the system calls its job needs, and kiln
+    /// stops, naming the call, when one makes another (exit 159; 125 in
+    /// `kiln run`).
+    #[arg(long, global = true)]
+    pub no_seccomp: bool,
+
     /// Accepted for compatibility with `firecracker --no-api`; kiln has no
     /// API socket.
     #[arg(long, hide = true)]

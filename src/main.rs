@@ -43,6 +43,19 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Before any thread starts: the SIGSYS handler, and whether each thread
+    // installs its filter.
+    let seccomp = kiln::seccomp::Options {
+        enabled: !cli.no_seccomp,
+        exit_code: match cli.command {
+            Some(Command::Run(_)) => kiln::run::code::KILN_FAILED,
+            None => kiln::seccomp::EXIT_FORBIDDEN,
+        },
+    };
+    if let Err(e) = kiln::seccomp::init(seccomp) {
+        eprintln!("kiln: error: {}", error_chain(&e));
+        return ExitCode::from(seccomp.exit_code);
+    }
     match cli.command {
         Some(Command::Run(args)) => {
             ExitCode::from(kiln::run::main(args, cli.log_level.map(|l| l.filter())))

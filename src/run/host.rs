@@ -100,6 +100,8 @@ pub fn session(stream: UnixStream, w: Watch) -> Ending {
         std::thread::Builder::new()
             .name("kiln-run-output".into())
             .spawn(move || {
+                // Started under this thread's filter, which it keeps.
+                crate::seccomp::inherited(crate::seccomp::ThreadKind::RunSession);
                 let _ = tx.send(read_output(stream, &window, &started));
             })
     };

@@ -73,6 +73,8 @@ pub enum Error {
     Prepare(String),
     #[error("no command: give one after `--` (the image has no Entrypoint or Cmd)")]
     NoCommand,
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -388,6 +390,9 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
     let machine = started.machine;
     // From here on the VM runs: `machine` stops it on every way out.
     let result = (|| {
+        // Before the command runs (the VM was built, maybe restored or
+        // saved as a template, above): from here on the guest may be hostile.
+        crate::seccomp::enter(crate::seccomp::ThreadKind::RunSession)?;
         let tty = args.tty && std::io::stdin().is_terminal();
         let spec = ExecSpec {
             argv,

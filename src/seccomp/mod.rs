@@ -27,9 +27,14 @@ mod sigsys;
 mod tests;
 
 use std::cell::Cell;
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 
 use seccompiler::BpfProgram;
+
+/// kiln's exit code (`--config-file`) when a thread makes a forbidden
+/// system call: 128 + SIGSYS, what a shell shows for a process SIGSYS
+/// killed. `kiln run` exits 125 instead, its code for "kiln failed".
+pub const EXIT_FORBIDDEN: u8 = 159;
 
 /// The environment variable of the test-only hook: its value names a thread
 /// kind ([`ThreadKind::name`]) whose threads make a forbidden system call
@@ -137,10 +142,6 @@ thread_local! {
 pub fn init(options: Options) -> Result<(), Error> {
     if options.enabled {
         sigsys::install(options.exit_code).map_err(Error::Handler)?;
-    } else {
-        log::warn!(
-            "seccomp filters are off (--no-seccomp): kiln's threads may make any system call"
-        );
     }
     let test_hook = std::env::var(TEST_HOOK_ENV).ok();
     let _ = POLICY.set(Policy {
@@ -164,6 +165,9 @@ pub fn enter(kind: ThreadKind) -> Result<(), Error> {
             install(&program).map_err(|e| Error::Install(kind.describe(), e))?;
         }
         log::debug!("seccomp: {} filtered", kind.describe());
+    } else {
+        static SAID: Once = Once::new();
+        SAID.call_once(|| log::warn!("seccomp filters are off (--no-seccomp)"));
     }
     if policy.test_hook.as_deref() == Some(kind.name()) {
         log::warn!(
@@ -174,6 +178,16 @@ pub fn enter(kind: ThreadKind) -> Result<(), Error> {
         unsafe { libc::syscall(FORBIDDEN_FOR_TESTS) };
     }
     Ok(())
+}
+
+/// Records that the calling thread, started by a thread of `kind` after
+/// that one's [`enter`], runs under its filter (a thread cannot install
+/// the same filter again: installing is not in the list), so that a
+/// forbidden call is reported as `kind`'s.
+pub fn inherited(kind: ThreadKind) {
+    if POLICY.get().is_some_and(|p| p.enabled) {
+        KIND.with(|k| k.set(kind.id()));
+    }
 }
 
 fn install(program: &BpfProgram) -> Result<(), seccompiler::Error> {

@@ -24,6 +24,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::arch::x86_64::cpuid::{self, Topology};
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::devices::bus::Bus;
+use crate::seccomp::{self, ThreadKind};
 use crate::vmm::exit::{ExitReason, ExitSignal};
 use emulation::Action;
 
@@ -213,6 +214,12 @@ impl Vcpu {
 
     fn run_loop(mut self) {
         let _panic_guard = PanicReporter(self.exit.clone(), self.id);
+        // Before the first KVM_RUN: from here on the guest runs.
+        if let Err(e) = seccomp::enter(ThreadKind::Vcpu) {
+            let why = format!("vCPU {}: {}", self.id, crate::error_chain(&e));
+            self.exit.report(ExitReason::VmmError(why));
+            return;
+        }
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run()));
         while !self.stop.load(Ordering::Acquire) {
             let request = self

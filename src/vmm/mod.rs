@@ -659,6 +659,12 @@ impl Vmm {
         if let Some(e) = start_error {
             self.exit.report(ExitReason::VmmError(e.to_string()));
         }
+        // Only now, before the first event: threads inherit their creator's filter.
+        let snapshots = self.snapshot_to.is_some();
+        if let Err(e) = crate::seccomp::enter(crate::seccomp::ThreadKind::Vmm { snapshots }) {
+            self.exit
+                .report(ExitReason::VmmError(crate::error_chain(&e)));
+        }
         while self.exit.reason().is_none() {
             if let Err(e) = self.event_manager.run() {
                 self.exit
