@@ -269,6 +269,13 @@ mod tests {
         assert_eq!(c.config_file, Some(PathBuf::from("vm.json")));
         assert!(matches!(c.log_level, Some(Level::Debug)));
         assert!(Cli::try_parse_from(["kiln"]).is_err());
+        assert!(!c.no_seccomp);
+        for args in [
+            &["kiln", "--no-seccomp", "--config-file", "vm.json"][..],
+            &["kiln", "run", "--no-seccomp", "--", "true"],
+        ] {
+            assert!(Cli::try_parse_from(args).unwrap().no_seccomp, "{args:?}");
+        }
         assert!(
             Cli::try_parse_from(["kiln", "--config-file", "x", "--log-level", "loud"]).is_err()
         );
