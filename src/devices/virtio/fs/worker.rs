@@ -73,10 +73,12 @@ impl Worker {
         let worker_wake = wake.try_clone().map_err(Error::Wakeup)?;
         let (commands, rx) = mpsc::channel();
         let (stopped_tx, stopped) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("kiln-fs-{tag}"))
-            .spawn(move || run(&share, &rx, &stopped_tx, &worker_wake))
-            .map_err(Error::Thread)?;
+        let thread = without_signals(|| {
+            std::thread::Builder::new()
+                .name(format!("kiln-fs-{tag}"))
+                .spawn(move || run(&share, &rx, &stopped_tx, &worker_wake))
+        })
+        .map_err(Error::Thread)?;
         Ok(Worker {
             commands: Some(commands),
             stopped,
@@ -123,6 +125,42 @@ impl Drop for Worker {
             }
         }
     }
+}
+
+/// Runs `spawn` with every asynchronous signal blocked, so that the thread
+/// it starts takes none: the worker starts while the VM is built, before
+/// the threads that watch for SIGTERM, SIGUSR1 and the like block them (the
+/// threads started after that inherit the block), and a process signal it
+/// took would end kiln with the signal's default action. Faults and
+/// seccomp's SIGSYS still reach it.
+fn without_signals<T>(spawn: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    // SAFETY: sigset_t is plain data, initialized by sigfillset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset we own; the signals are valid.
+    unsafe {
+        libc::sigfillset(&mut set);
+        for sync in [
+            libc::SIGSYS,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+        ] {
+            libc::sigdelset(&mut set, sync);
+        }
+    }
+    // SAFETY: valid sets; `old` receives this thread's mask.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    let spawned = spawn();
+    // SAFETY: puts back the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    spawned
 }
 
 /// The worker thread: filtered first, then each command in turn until the
