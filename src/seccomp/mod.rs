@@ -29,8 +29,6 @@ mod tests;
 use std::cell::Cell;
 use std::sync::{Once, OnceLock};
 
-use seccompiler::BpfProgram;
-
 /// kiln's exit code (`--config-file`) when a thread makes a forbidden
 /// system call: 128 + SIGSYS, what a shell shows for a process SIGSYS
 /// killed. `kiln run` exits 125 instead, its code for "kiln failed".
@@ -162,7 +160,7 @@ pub fn enter(kind: ThreadKind) -> Result<(), Error> {
         for program in filters::programs(kind, seccompiler::SeccompAction::Trap)
             .map_err(|e| Error::Build(kind.describe(), e))?
         {
-            install(&program).map_err(|e| Error::Install(kind.describe(), e))?;
+            seccompiler::apply_filter(&program).map_err(|e| Error::Install(kind.describe(), e))?;
         }
         log::debug!("seccomp: {} filtered", kind.describe());
     } else {
@@ -188,10 +186,6 @@ pub fn inherited(kind: ThreadKind) {
     if POLICY.get().is_some_and(|p| p.enabled) {
         KIND.with(|k| k.set(kind.id()));
     }
-}
-
-fn install(program: &BpfProgram) -> Result<(), seccompiler::Error> {
-    seccompiler::apply_filter(program)
 }
 
 /// The kind of the calling thread's filter (for the SIGSYS handler).
