@@ -666,6 +666,28 @@ fn malformed_archives_are_125() {
     assert_no_leftovers(&dir);
 }
 
+/// The session thread is under its seccomp filter before the command
+/// starts: the test-only hook makes it call getppid, which its filter
+/// forbids, and kiln fails (125) saying so. (The filter's contents are
+/// checked in src/seccomp's tests; every test here runs with it.)
+#[test]
+fn the_session_thread_is_filtered() {
+    let dir = scratch("run-seccomp");
+    let mut cmd = kiln_run(&dir);
+    cmd.env("KILN_TEST_FORBIDDEN_SYSCALL", "run")
+        .args(["-q", "--", "true"]);
+    let out = output(cmd);
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains(
+            "kiln: error: the kiln run session thread made system call 110 (getppid), \
+             which its seccomp filter forbids"
+        ),
+        "{}",
+        describe(&out)
+    );
+}
+
 /// The Debian image tools/build-image makes (an OCI archive) runs Python.
 #[test]
 fn debian_image_runs_python() {

@@ -208,7 +208,8 @@ fn vcpu(l: &mut AllowList) -> Result<(), BackendError> {
 /// The event loop: epoll, the devices' queues (disk reads and writes and
 /// their syncs, entropy, vsock's UNIX sockets to and from the host,
 /// console output and input), kicking vCPUs out of KVM_RUN, a snapshot's
-/// state, and (`snapshots`) writing its files.
+/// state, and (`snapshots`: `--snapshot-dir`, or `kiln run`'s templates)
+/// writing its files.
 fn vmm(l: &mut AllowList, snapshots: bool) -> Result<(), BackendError> {
     use libc::*;
     l.any(&[
@@ -256,11 +257,12 @@ fn vmm(l: &mut AllowList, snapshots: bool) -> Result<(), BackendError> {
     let kick = as_arg(crate::vcpu::kick_signal());
     l.when(SYS_tgkill, vec![eq(0, pid)?, eq(2, kick)?])?;
     if snapshots {
-        // vm.mem and vm.state: a new temporary file, synced, renamed into
-        // place (removed if writing fails).
+        // vm.mem and vm.state: a new temporary file (vm.mem's zero pages
+        // holes, its length set at the end), synced, renamed into place
+        // (removed if writing fails).
         let flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
         l.when(SYS_openat, vec![eq(2, as_arg(flags))?])?;
-        l.any(&[SYS_rename]);
+        l.any(&[SYS_rename, SYS_ftruncate]);
     }
     Ok(())
 }

@@ -56,8 +56,8 @@ pub enum Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
     /// The event loop (`--config-file`: the main thread; `kiln run`: the
-    /// thread "kiln-vm"). `snapshots`: SIGUSR1 writes snapshots, so it may
-    /// create, sync and rename files.
+    /// thread "kiln-vm"). `snapshots`: it writes snapshots (on SIGUSR1, or
+    /// asked by another thread), so it may create, sync and rename files.
     Vmm { snapshots: bool },
     /// A vCPU thread: KVM_RUN and the device registers the guest touches.
     Vcpu,

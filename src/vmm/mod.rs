@@ -660,7 +660,7 @@ impl Vmm {
             self.exit.report(ExitReason::VmmError(e.to_string()));
         }
         // Only now, before the first event: threads inherit their creator's filter.
-        let snapshots = self.snapshot_to.is_some();
+        let snapshots = self.snapshot_to.is_some() || self.snapshotter.handed_out();
         if let Err(e) = crate::seccomp::enter(crate::seccomp::ThreadKind::Vmm { snapshots }) {
             self.exit
                 .report(ExitReason::VmmError(crate::error_chain(&e)));

@@ -157,6 +157,12 @@ impl Snapshotter {
         bus::lock(&self.queue).take();
     }
 
+    /// Whether a handle went to another thread ([`Vmm::snapshotter`]):
+    /// snapshots may then be asked for while the VM runs.
+    pub(super) fn handed_out(&self) -> bool {
+        Arc::strong_count(&self.queue) > 1
+    }
+
     /// The event-loop subscriber that wakes the loop for a request.
     pub(super) fn watcher(&self) -> RequestWatcher {
         RequestWatcher(self.wake.clone())
