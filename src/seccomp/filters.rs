@@ -43,8 +43,14 @@ ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
 ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 
+/// TUNSETOFFLOAD (include/uapi/linux/if_tun.h): virtio-net's activation
+/// and reset, on the vCPU thread that writes the status register, tell the
+/// tap which offloads the driver took.
+pub(super) const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+
 /// The vCPU ioctls: running, the registers an emulation failure reads and
-/// the completed INT3/FWAIT writes, and everything a snapshot saves.
+/// the completed INT3/FWAIT writes, everything a snapshot saves, and a
+/// virtio-net activation's or reset's tap offloads.
 fn vcpu_ioctls() -> Vec<u64> {
     [
         KVM_RUN(),
@@ -60,6 +66,7 @@ fn vcpu_ioctls() -> Vec<u64> {
         KVM_GET_LAPIC(),
         KVM_GET_MP_STATE(),
         KVM_GET_TSC_KHZ(),
+        TUNSETOFFLOAD,
     ]
     .into()
 }
@@ -197,7 +204,8 @@ fn common(l: &mut AllowList) -> Result<(), BackendError> {
 /// A vCPU: KVM_RUN and its exits. Device registers are emulated here, so
 /// also what a register write can start: a queue notification or
 /// interrupt (eventfd writes), a device activation (its queues' eventfds
-/// duplicated for the device), a vsock reset (connections shut down).
+/// duplicated for the device, a tap's offloads set), a vsock reset
+/// (connections shut down).
 fn vcpu(l: &mut AllowList) -> Result<(), BackendError> {
     l.arg_in(libc::SYS_ioctl, 1, vcpu_ioctls())?;
     l.arg_in(libc::SYS_fcntl, 1, [as_arg(libc::F_DUPFD_CLOEXEC)])?;

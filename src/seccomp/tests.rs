@@ -119,6 +119,12 @@ fn kvm_ioctl_numbers_are_the_kernels() {
     assert_eq!(filters::KVM_GET_IRQCHIP(), 0xc208_ae62);
     assert_eq!(filters::KVM_GET_CLOCK(), 0x8030_ae7c);
     assert_eq!(filters::KVM_GET_PIT2(), 0x8070_ae9f);
+    // _IOW('T', 208, unsigned int).
+    let tun = u64::from(b'T');
+    assert_eq!(
+        filters::TUNSETOFFLOAD,
+        (1 << 30) | (4 << 16) | (tun << 8) | 208
+    );
 }
 
 #[test]
