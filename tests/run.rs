@@ -680,8 +680,8 @@ fn the_session_thread_is_filtered() {
     assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
     assert!(
         text(&out.stderr).contains(
-            "kiln: error: the kiln run session thread made system call 110 (getppid), \
-             which its seccomp filter forbids"
+            "kiln: error: the kiln run session thread made system call 110 \
+             (getppid; arguments 0x1, 0x2, 0x3), which its seccomp filter forbids"
         ),
         "{}",
         describe(&out)

@@ -70,8 +70,10 @@ fn boot(config: &Path, extra: &[&str], hook: Option<&str>) -> Output {
 fn assert_stopped(out: &Output, code: i32, thread: &str) {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    // The hook passes getppid (which ignores them) the arguments 1, 2, 3.
     let said = format!(
-        "kiln: error: the {thread} made system call 110 (getppid), which its seccomp filter forbids"
+        "kiln: error: the {thread} made system call 110 (getppid; arguments 0x1, 0x2, 0x3), \
+         which its seccomp filter forbids: kiln stops (exit {code})"
     );
     assert!(stderr.contains(&said), "expected {said:?} in: {stderr}");
 }

@@ -39,7 +39,8 @@ pub const EXIT_FORBIDDEN: u8 = 159;
 /// ([`FORBIDDEN_FOR_TESTS`]) right after installing their filter.
 pub const TEST_HOOK_ENV: &str = "KILN_TEST_FORBIDDEN_SYSCALL";
 
-/// What the test hook calls: harmless, and in no filter.
+/// What the test hook calls (with arguments 1, 2, 3): harmless, and in no
+/// filter.
 pub const FORBIDDEN_FOR_TESTS: libc::c_long = libc::SYS_getppid;
 
 #[derive(Debug, thiserror::Error)]
@@ -172,8 +173,9 @@ pub fn enter(kind: ThreadKind) -> Result<(), Error> {
             "{TEST_HOOK_ENV}={}: this thread makes a forbidden system call (a test)",
             kind.name()
         );
-        // SAFETY: getppid has no arguments and no effect.
-        unsafe { libc::syscall(FORBIDDEN_FOR_TESTS) };
+        // SAFETY: getppid has no effect and ignores its arguments, given
+        // only so that the message shows them: 0x1, 0x2, 0x3.
+        unsafe { libc::syscall(FORBIDDEN_FOR_TESTS, 1, 2, 3) };
     }
     Ok(())
 }

@@ -82,36 +82,88 @@ impl Message {
         self.push(&digits[i..]);
     }
 
+    fn push_hex(&mut self, mut n: u64) {
+        let mut digits = [0u8; 16];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[usize::try_from(n & 0xf).unwrap_or(0)];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(b"0x");
+        self.push(&digits[i..]);
+    }
+
     pub(super) fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }
 
-/// What kiln says when a thread of `kind` made system call `nr`.
-pub(super) fn message(kind: Option<ThreadKind>, nr: libc::c_int, exit_code: u8) -> Message {
+/// What kiln says when a thread of `kind` made system call `nr` with
+/// `args` first (which ioctl, fcntl or socket it was).
+pub(super) fn message(
+    kind: Option<ThreadKind>,
+    nr: libc::c_int,
+    args: [u64; 3],
+    exit_code: u8,
+) -> Message {
     let mut m = Message::new();
     m.push(b"kiln: error: the ");
     m.push(kind.map_or("kiln", ThreadKind::describe).as_bytes());
     m.push(b" made system call ");
     m.push_number(u64::from(nr.unsigned_abs()));
+    m.push(b" (");
     if let Some(name) = syscall_name(nr) {
-        m.push(b" (");
         m.push(name.as_bytes());
-        m.push(b")");
+        m.push(b"; ");
     }
-    m.push(b", which its seccomp filter forbids: kiln stops (exit ");
+    m.push(b"arguments ");
+    for (i, a) in args.into_iter().enumerate() {
+        if i > 0 {
+            m.push(b", ");
+        }
+        m.push_hex(a);
+    }
+    m.push(b"), which its seccomp filter forbids: kiln stops (exit ");
     m.push_number(u64::from(exit_code));
     m.push(b"). This is a bug in kiln, or an attack on it; --no-seccomp turns the filters off to debug it.\n");
     m
 }
 
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+/// The first three arguments of the system call that raised the signal, in
+/// the registers the kernel saved (rdi, rsi, rdx).
+fn arguments(context: &libc::ucontext_t) -> [u64; 3] {
+    let gregs = &context.uc_mcontext.gregs;
+    let reg = |r: libc::c_int| {
+        usize::try_from(r)
+            .ok()
+            .and_then(|i| gregs.get(i))
+            .map_or(0, |&v| u64::from_ne_bytes(v.to_ne_bytes()))
+    };
+    [reg(libc::REG_RDI), reg(libc::REG_RSI), reg(libc::REG_RDX)]
+}
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: an SA_SIGINFO handler gets a valid siginfo_t, whose first
-    // bytes for a SIGSYS are laid out as SigsysInfo.
-    let info = unsafe { &*info.cast::<SigsysInfo>() };
+    // bytes for a SIGSYS are laid out as SigsysInfo, and a valid
+    // ucontext_t: the interrupted thread's registers.
+    let (info, context) = unsafe {
+        (
+            &*info.cast::<SigsysInfo>(),
+            &*context.cast::<libc::ucontext_t>(),
+        )
+    };
     let code = EXIT_CODE.load(Ordering::Relaxed);
     let msg = if info.code == SYS_SECCOMP {
-        message(super::current_kind(), info.syscall, code)
+        message(
+            super::current_kind(),
+            info.syscall,
+            arguments(context),
+            code,
+        )
     } else {
         let mut m = Message::new();
         m.push(b"kiln: error: SIGSYS not raised by seccomp\n");

@@ -143,17 +143,19 @@ fn syscall_names_by_number() {
 
 #[test]
 fn the_message_names_the_call_and_the_thread() {
-    let m = message(Some(ThreadKind::Vcpu), 110, 159);
+    let m = message(Some(ThreadKind::Vcpu), 16, [5, 0x4004_54d0, 0], 159);
     let text = String::from_utf8_lossy(m.as_bytes());
     assert!(
-        text.starts_with("kiln: error: the vCPU thread made system call 110 (getppid), which its seccomp filter forbids: kiln stops (exit 159)."),
+        text.starts_with("kiln: error: the vCPU thread made system call 16 (ioctl; arguments 0x5, 0x400454d0, 0x0), which its seccomp filter forbids: kiln stops (exit 159)."),
         "{text}"
     );
     assert!(text.ends_with("--no-seccomp turns the filters off to debug it.\n"));
-    let m = message(None, 999, 125);
+    let m = message(None, 999, [u64::MAX, 1, 0], 125);
     let text = String::from_utf8_lossy(m.as_bytes());
     assert!(
-        text.contains("the kiln made system call 999, which"),
+        text.contains(
+            "the kiln made system call 999 (arguments 0xffffffffffffffff, 0x1, 0x0), which"
+        ),
         "{text}"
     );
 }
