@@ -27,8 +27,9 @@ use crate::image::archive::looks_like_tar;
 use crate::image::unpack::Tree;
 use crate::image::{open_archive, unpack_layers};
 
-/// The most file data the fuzzed tree may take.
-pub const TREE_LIMIT: u64 = 1 << 20;
+/// The most file data the fuzzed tree may take: small, so that inputs of
+/// a few KiB can reach it.
+pub const TREE_LIMIT: u64 = 4096;
 
 pub fn run(data: &[u8]) {
     super::limit_file_size();
@@ -276,6 +277,22 @@ pub fn entry(b: &mut Vec<u8>, name: &str, kind: tar::EntryType, link: &str, data
     b.resize(b.len().next_multiple_of(512), 0);
 }
 
+/// A PAX extended header (`x`) with `records` (key, value), for the
+/// entry that follows it.
+pub fn pax(b: &mut Vec<u8>, records: &[(&str, &str)]) {
+    let mut data = Vec::new();
+    for (k, v) in records {
+        // "<len> <key>=<value>\n", the length counting itself.
+        let rest = format!(" {k}={v}\n");
+        let mut len = rest.len() + 1;
+        while format!("{len}").len() + rest.len() > len {
+            len += 1;
+        }
+        data.extend_from_slice(format!("{len}{rest}").as_bytes());
+    }
+    entry(b, "PaxHeaders/x", tar::EntryType::XHeader, "", &data);
+}
+
 /// A tar stream of entries, with its end blocks.
 pub fn layer(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
     let mut b = Vec::new();
@@ -314,8 +331,22 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         ("hard", T::Link, "../outside", b""),
         ("../outside-dir/x", T::Regular, "", b"escaped"),
     ]);
+    // Big owners and a fractional mtime, as podman writes them.
+    let mut owned = Vec::new();
+    pax(
+        &mut owned,
+        &[
+            ("uid", "100000"),
+            ("gid", "100000"),
+            ("mtime", "1700000000.25"),
+        ],
+    );
+    entry(&mut owned, "home/user/notes", T::Regular, "", b"notes\n");
+    owned.extend_from_slice(&[0; 1024]);
     let mut out = Vec::new();
     let mut s = Seed::default();
+    s.u8(0).u8(0).raw(&owned);
+    out.push(("pax".into(), s.take()));
     s.u8(0).u8(1).bytes(&base).raw(&upper);
     out.push(("layers".into(), s.take()));
     s.u8(0).u8(0).raw(&escapes);
