@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod elf;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hostfile;
 pub mod image;
 pub mod loader;

@@ -18,10 +18,10 @@
 //! their sha256 digests, JSON members are size-capped before parsing, and
 //! no layer entry can write outside the unpack directory.
 
-mod archive;
+pub(crate) mod archive;
 pub mod busybox;
 mod ext4;
-mod unpack;
+pub(crate) mod unpack;
 
 #[cfg(test)]
 mod tests;
@@ -265,18 +265,25 @@ pub fn prepare(
             why: "neither an ext4 file system nor a tar archive",
         });
     }
+    let (source, resolved) = open_archive(spec, file)?;
+    build_cached(&source, &resolved, cache, progress)
+}
+
+/// The OCI or docker archive `file` (at `spec`): its members, and the
+/// image they hold.
+pub(crate) fn open_archive(spec: &Path, file: File) -> Result<(Source, Resolved), Error> {
     let source = Source::tar(spec, file)?;
-    if source.has("oci-layout") && source.has("index.json") {
-        from_oci(&source, cache, progress)
+    let resolved = if source.has("oci-layout") && source.has("index.json") {
+        source.resolve_oci()?
     } else if source.has("manifest.json") {
-        let resolved = source.resolve_docker()?;
-        build_cached(&source, &resolved, cache, progress)
+        source.resolve_docker()?
     } else {
-        Err(Error::Unknown {
+        return Err(Error::Unknown {
             path: spec.to_path_buf(),
             why: "a tar archive with neither oci-layout and index.json nor manifest.json",
-        })
-    }
+        });
+    };
+    Ok((source, resolved))
 }
 
 fn from_oci(
@@ -454,20 +461,7 @@ fn build(
         path: root.clone(),
         source,
     })?;
-    let count = resolved.layers.len();
-    for (i, layer) in resolved.layers.iter().enumerate() {
-        let size = source.size(&layer.member)?;
-        progress(&format!(
-            "unpacking layer {}/{count} ({})",
-            i + 1,
-            mib(size)
-        ));
-        source.apply_layer(layer, &mut tree, i + 1, count)?;
-    }
-    tree.finish().map_err(|source| Error::Write {
-        path: root.clone(),
-        source,
-    })?;
+    unpack_layers(source, resolved, &mut tree, &root, progress)?;
     let unpacked = start.elapsed();
     let usage = ext4::measure(&root).map_err(|source| Error::Write {
         path: root.clone(),
@@ -493,6 +487,30 @@ fn build(
         t.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// Applies every layer of `resolved` to `tree` (at `root`), in order.
+pub(crate) fn unpack_layers(
+    source: &Source,
+    resolved: &Resolved,
+    tree: &mut unpack::Tree,
+    root: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), Error> {
+    let count = resolved.layers.len();
+    for (i, layer) in resolved.layers.iter().enumerate() {
+        let size = source.size(&layer.member)?;
+        progress(&format!(
+            "unpacking layer {}/{count} ({})",
+            i + 1,
+            mib(size)
+        ));
+        source.apply_layer(layer, tree, i + 1, count)?;
+    }
+    tree.finish().map_err(|source| Error::Write {
+        path: root.to_path_buf(),
+        source,
+    })
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);

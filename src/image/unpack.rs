@@ -128,12 +128,23 @@ impl Tree {
     /// An empty tree at `root`, which must not exist yet.
     pub fn new(root: &Path) -> io::Result<Tree> {
         fs::create_dir(root)?;
-        fs::set_permissions(root, fs::Permissions::from_mode(0o755))?;
-        let mut meta = BTreeMap::new();
-        meta.insert(PathBuf::new(), Meta::dir(0o755, 0));
         let limit = free_bytes(root)
             .map_or(MAX_UNPACKED, |free| free.saturating_sub(KEEP_FREE))
             .min(MAX_UNPACKED);
+        Self::made(root, limit)
+    }
+
+    /// An empty tree at `root` (which must not exist yet) taking at most
+    /// `limit` bytes of file data.
+    pub fn with_limit(root: &Path, limit: u64) -> io::Result<Tree> {
+        fs::create_dir(root)?;
+        Self::made(root, limit)
+    }
+
+    fn made(root: &Path, limit: u64) -> io::Result<Tree> {
+        fs::set_permissions(root, fs::Permissions::from_mode(0o755))?;
+        let mut meta = BTreeMap::new();
+        meta.insert(PathBuf::new(), Meta::dir(0o755, 0));
         Ok(Tree {
             root: root.to_path_buf(),
             meta,

@@ -70,11 +70,15 @@ pub struct FsOptions {
 }
 
 /// The request server for a folder.
-type FsServer = Server<Arc<Vfs>>;
+pub(crate) type FsServer = Server<Arc<Vfs>>;
 
 /// Builds the server for `path`: the passthrough file system behind the
 /// guard, mounted at the root of a VFS.
-fn serve(path: &Path, read_only: bool, budget: Arc<FdBudget>) -> Result<Arc<FsServer>, Error> {
+pub(crate) fn serve(
+    path: &Path,
+    read_only: bool,
+    budget: Arc<FdBudget>,
+) -> Result<Arc<FsServer>, Error> {
     let serve_err = |source| Error::Serve {
         path: path.to_path_buf(),
         source,
