@@ -9,6 +9,9 @@
 //! rewrites the seed files from the harnesses' `seeds()` after a change
 //! of their input format.
 
+// Tests: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 
 use proptest::prelude::*;
