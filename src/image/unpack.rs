@@ -312,7 +312,10 @@ impl Tree {
                 });
                 self.meta.insert(rel.clone(), m);
             } else {
-                let size = entry.header().size().unwrap_or(u64::MAX);
+                // What the reader yields: a PAX `size` record overrides the
+                // header's field (which may say 0), and a GNU sparse file
+                // has its real size.
+                let size = entry.size();
                 self.written = self.written.saturating_add(size);
                 if self.written > self.limit {
                     return Err(at(&shown)(bad(format!(
@@ -334,7 +337,7 @@ impl Tree {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&host)
                     .map_err(at(&shown))?;
-                io::copy(&mut entry, &mut f).map_err(at(&shown))?;
+                io::copy(&mut (&mut entry).take(size), &mut f).map_err(at(&shown))?;
                 f.set_permissions(fs::Permissions::from_mode(host_mode(meta.mode, false)))
                     .map_err(at(&shown))?;
                 let t = FileTime::from_unix_time(meta.mtime, 0);
@@ -491,5 +494,63 @@ impl Meta {
             gid: other.gid,
             ..self
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `records` as a PAX extended header block, then a ustar header for a
+    /// regular file `name` whose size field says `size`.
+    fn pax_then_file(records: &str, name: &str, size: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut x = tar::Header::new_ustar();
+        x.set_path("PaxHeaders/f").unwrap();
+        x.set_entry_type(tar::EntryType::XHeader);
+        x.set_size(records.len() as u64);
+        x.set_cksum();
+        out.extend_from_slice(x.as_bytes());
+        out.extend_from_slice(records.as_bytes());
+        out.resize(out.len().next_multiple_of(512), 0);
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(size);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out
+    }
+
+    /// A PAX `size` record overrides the header's size field, and is what
+    /// counts against the limit: with the header's field (0 here) counted,
+    /// any amount of data, a small compressed layer's worth, was written
+    /// past it. Found writing the `image` fuzz harness, whose tree-limit
+    /// check catches it (`fuzz/corpus/image/crash-pax-size`).
+    #[test]
+    fn pax_sizes_count_against_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = Tree::with_limit(&dir.path().join("root"), 4096).unwrap();
+        let mut layer = pax_then_file("15 size=100000\n", "big", 0);
+        layer.extend_from_slice(&vec![0x5a; 100_000]);
+        layer.resize(layer.len().next_multiple_of(512) + 1024, 0);
+        let e = tree.apply(&mut &layer[..]).unwrap_err();
+        assert!(
+            crate::error_chain(&e).contains("unpacks to more than"),
+            "{e:?}"
+        );
+        assert!(!dir.path().join("root/big").exists());
+
+        // Within the limit, the PAX size is the file's.
+        let mut tree = Tree::with_limit(&dir.path().join("ok"), 4096).unwrap();
+        let mut layer = pax_then_file("13 size=3000\n", "f", 0);
+        layer.extend_from_slice(&[7; 3000]);
+        layer.resize(layer.len().next_multiple_of(512) + 1024, 0);
+        tree.apply(&mut &layer[..]).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("ok/f")).unwrap(), [7; 3000]);
     }
 }

@@ -116,6 +116,15 @@ pub(crate) fn serve(
 /// the reply into its writable ones. Returns the reply length (0 when the
 /// chain cannot carry a message or a reply; the guest gets nothing back).
 pub fn handle_chain(server: &FsServer, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> u32 {
+    // virtio-queue ends a chain it cannot follow (a loop, more descriptors
+    // than the queue, a next index past it, a bad indirect table) on a
+    // descriptor that still has NEXT. A loop hands the same buffers over
+    // again and again: the reply would be written over the same bytes and
+    // claim more than the guest gave. Such a chain gets no reply.
+    if chain.clone().last().is_some_and(|d| d.has_next()) {
+        debug!("virtio-fs: descriptor chain cut short (a loop or a bad index)");
+        return 0;
+    }
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
         Err(e) => {
