@@ -22,7 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 pub use files::MAX_CONFIG_BYTES;
 pub use fs::{FsConfig, MAX_FS_TAG};
-pub use net::{parse_mac, MAX_HOST_DEV_NAME};
+pub use net::{parse_mac, MAX_HOST_DEV_NAME, PASST_MAX_MTU};
 
 use crate::hostfile::{self, Kind, Quoted};
 pub use sections::*;

@@ -191,7 +191,10 @@ fn full_firecracker_example_parses() {
     assert_eq!(config.drives[1].io_engine, Some(IoEngine::Async));
     assert!(config.drives[1].is_read_only);
     assert!(config.drives[1].rate_limiter.is_some());
-    assert_eq!(config.network_interfaces[0].host_dev_name, "tap0");
+    assert_eq!(
+        config.network_interfaces[0].host_dev_name.as_deref(),
+        Some("tap0")
+    );
     assert_eq!(config.vsock.as_ref().unwrap().guest_cid, 3);
     assert_eq!(
         config.balloon.as_ref().unwrap().stats_polling_interval_s,

@@ -208,14 +208,16 @@ pub struct BlockDeviceConfig {
 }
 
 /// One entry of `network-interfaces`: a virtio-net device on an existing
-/// host tap (see [`super::net`]).
+/// host tap, or (kiln's own) on a passt process kiln starts for the VM (see
+/// [`super::net`]).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterfaceConfig {
     /// Unique name of the interface.
     pub iface_id: String,
-    /// Host TAP device name.
-    pub host_dev_name: String,
+    /// Host TAP device name; required unless `passt` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_dev_name: Option<String>,
     /// Guest MAC address, e.g. `"06:00:AC:10:00:02"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
@@ -228,6 +230,52 @@ pub struct NetworkInterfaceConfig {
     /// Transmit rate limiter, accepted as any JSON object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// kiln: instead of a tap, a passt process kiln starts for this VM
+    /// (user-mode networking: outbound TCP, UDP and DNS through the host's
+    /// own sockets, no root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passt: Option<PasstConfig>,
+}
+
+/// `network-interfaces[].passt`: the guest's side of passt's network. Every
+/// field has a default, as QEMU's user networking has them: the guest is
+/// 10.0.2.15/24, the host (its loopback, through passt) is the gateway
+/// 10.0.2.2, and 10.0.2.3 forwards DNS to the host's resolver.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasstConfig {
+    /// The guest's IPv4 address (passt hands it out by DHCP too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    /// Its prefix length, 8 to 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_len: Option<u8>,
+    /// The gateway; connections to it reach the host's loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    /// The DNS server the guest is given; queries to it go to the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Ipv4Addr>,
+}
+
+impl PasstConfig {
+    pub const DEFAULT_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+    pub const DEFAULT_PREFIX_LEN: u8 = 24;
+    pub const DEFAULT_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+    pub const DEFAULT_DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+
+    pub fn address(&self) -> Ipv4Addr {
+        self.address.unwrap_or(Self::DEFAULT_ADDRESS)
+    }
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len.unwrap_or(Self::DEFAULT_PREFIX_LEN)
+    }
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway.unwrap_or(Self::DEFAULT_GATEWAY)
+    }
+    pub fn dns(&self) -> Ipv4Addr {
+        self.dns.unwrap_or(Self::DEFAULT_DNS)
+    }
 }
 
 /// `vsock`: a virtio-vsock device backed by Unix sockets (not supported yet).

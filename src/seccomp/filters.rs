@@ -260,6 +260,15 @@ fn vmm(l: &mut AllowList, snapshots: bool) -> Result<(), BackendError> {
             eq(1, as_arg(SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC))?,
         ],
     )?;
+    // A network device's passt, ended and reaped at the device's end
+    // through its pidfd: only processes kiln holds a pidfd for (its own
+    // children) can be signalled or waited for this way.
+    l.any(&[SYS_pidfd_send_signal]);
+    l.arg_in(
+        SYS_waitid,
+        0,
+        [u64::from(crate::devices::virtio::net::passt::P_PIDFD)],
+    )?;
     // The kick: a real-time signal to a vCPU thread of this process.
     let pid = u64::from(std::process::id());
     let kick = as_arg(crate::vcpu::kick_signal());

@@ -2,7 +2,8 @@
 //! a guest may send given the features it accepted (§5.1.6.2), and what
 //! it may be given (§5.1.6.4). Pure functions over the header's bytes.
 
-use super::tap::{self, VNET_HDR_LEN};
+use super::backend::VNET_HDR_LEN;
+use super::tap;
 use super::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
@@ -86,6 +87,47 @@ pub fn check_tx_header(frame: &[u8], acked: u64, max_frame: usize) -> TxCheck {
     TxCheck::Ok
 }
 
+/// The 16-bit ones'-complement sum of `data` as big-endian words (RFC
+/// 1071), an odd last byte padded with zero.
+pub(super) fn ones_complement_sum(data: &[u8]) -> u16 {
+    let mut sum: u64 = 0;
+    let mut words = data.chunks_exact(2);
+    for w in &mut words {
+        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    u16::try_from(sum).unwrap_or(0xffff)
+}
+
+/// Does what a device taking `VIRTIO_NET_F_CSUM` owes a frame with
+/// NEEDS_CSUM (§5.1.6.2) when its backend cannot: the checksum over
+/// `csum_start` to the end of the frame (the driver left the pseudo-header
+/// sum in the field) stored at `csum_start + csum_offset`; then the header
+/// asks for nothing more. `frame` has its header first and passed
+/// [`check_tx_header`]; a frame without NEEDS_CSUM is left as it is.
+pub fn complete_checksum(frame: &mut [u8]) -> Result<(), &'static str> {
+    if frame.len() < VNET_HDR_LEN || frame[0] & HDR_F_NEEDS_CSUM == 0 {
+        return Ok(());
+    }
+    let start = VNET_HDR_LEN.saturating_add(le16(frame, 6));
+    let at = start.saturating_add(le16(frame, 8));
+    if at.saturating_add(2) > frame.len() {
+        return Err("checksum outside the frame");
+    }
+    let sum = !ones_complement_sum(&frame[start..]);
+    // A computed 0 is sent as its other form (UDP reads 0 as "none").
+    let sum = if sum == 0 { 0xffff } else { sum };
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    frame[0] &= !HDR_F_NEEDS_CSUM;
+    frame[6..10].fill(0);
+    Ok(())
+}
+
 /// The tap offloads (`TUN_F_*`) matching what the guest accepts.
 pub fn tun_offloads(acked: u64) -> u32 {
     if acked & VIRTIO_NET_F_GUEST_CSUM == 0 {
@@ -145,6 +187,50 @@ pub fn fix_rx_header(frame: &mut [u8], acked: u64) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completed_checksums_verify() {
+        // IPv4/UDP-like: 12-byte header, then a body whose checksum field
+        // (at 6..8 of the body's "transport" part) holds a seed value.
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame[0] = HDR_F_NEEDS_CSUM;
+        let body: Vec<u8> = (0..101u8).map(|i| i.wrapping_mul(37)).collect();
+        frame.extend_from_slice(&body);
+        let (start, offset) = (20usize, 6usize);
+        frame[6..8].copy_from_slice(&u16::try_from(start).unwrap().to_le_bytes());
+        frame[8..10].copy_from_slice(&u16::try_from(offset).unwrap().to_le_bytes());
+        let seed = [0x12, 0x34];
+        let at = VNET_HDR_LEN + start + offset;
+        frame[at..at + 2].copy_from_slice(&seed);
+        complete_checksum(&mut frame).unwrap();
+        // As a receiver checks it: the range (the checksum in place of the
+        // seed) plus the seed (the pseudo-header's sum) is all ones.
+        // (The range is 81 bytes: an odd one, padded.)
+        let sum = u32::from(ones_complement_sum(&frame[VNET_HDR_LEN + start..]))
+            + u32::from(u16::from_be_bytes(seed));
+        assert_eq!((sum & 0xffff) + (sum >> 16), 0xffff);
+        assert_eq!(frame[0] & HDR_F_NEEDS_CSUM, 0);
+        assert_eq!(&frame[6..10], &[0, 0, 0, 0]);
+        // Without NEEDS_CSUM nothing changes; outside the frame is refused.
+        let before = frame.clone();
+        complete_checksum(&mut frame).unwrap();
+        assert_eq!(frame, before);
+        frame[0] = HDR_F_NEEDS_CSUM;
+        frame[6..8].copy_from_slice(&200u16.to_le_bytes());
+        assert!(complete_checksum(&mut frame).is_err());
+    }
+
+    #[test]
+    fn ones_complement_sum_folds_and_pads() {
+        assert_eq!(ones_complement_sum(&[]), 0);
+        assert_eq!(ones_complement_sum(&[0xff, 0xff, 0x00, 0x01]), 0x0001);
+        assert_eq!(ones_complement_sum(&[0x01]), 0x0100);
+        // RFC 1071's example: 00 01 f2 03 f4 f5 f6 f7 sums to ddf2.
+        assert_eq!(
+            ones_complement_sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            0xddf2
+        );
+    }
 
     #[test]
     fn short_headers_are_refused_not_indexed() {

@@ -31,7 +31,10 @@
 //! same), the queues (the transport's part). Frames in flight are not kept,
 //! as a network may lose them; the tap is opened again from the config.
 
+pub mod backend;
 mod header;
+pub mod passt;
+pub mod stream;
 pub mod tap;
 
 #[cfg(test)]
@@ -44,14 +47,14 @@ use log::{debug, warn};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
+use self::backend::{Backend, VNET_HDR_LEN};
 use self::header::{
-    check_tx_header, fix_rx_header, tun_offloads, TxCheck, HDR_F_NEEDS_CSUM, HDR_GSO_NONE,
-    HDR_NUM_BUFFERS,
+    check_tx_header, complete_checksum, fix_rx_header, tun_offloads, TxCheck, HDR_F_NEEDS_CSUM,
+    HDR_GSO_NONE, HDR_NUM_BUFFERS,
 };
-use self::tap::{Backend, VNET_HDR_LEN};
-use super::queue::{Outcome, MAX_CHAINS_PER_DRAIN};
+use super::queue::MAX_CHAINS_PER_DRAIN;
 use super::{device_type, features, read_config_space, Active, GuestMem, Sources, VirtioDevice};
-use crate::config::{parse_mac, NetworkInterfaceConfig};
+use crate::config::{parse_mac, NetworkInterfaceConfig, PASST_MAX_MTU};
 
 /// §5.1.2: receiveq1, transmitq1 (no multiqueue, no control queue).
 pub const RXQ: usize = 0;
@@ -112,6 +115,10 @@ pub enum Error {
     },
     #[error("guest_mac {0:?} is not a MAC address")]
     Mac(String),
+    #[error(transparent)]
+    Passt(#[from] passt::Error),
+    #[error("neither host_dev_name nor passt is given")]
+    NoBackend,
 }
 
 /// How to build the device: one `network-interfaces` entry.
@@ -125,19 +132,38 @@ pub struct NetOptions {
     pub mtu: Option<u16>,
 }
 
-/// The device for one `network-interfaces` entry, on its tap.
+/// The device for one `network-interfaces` entry, on its tap or on a passt
+/// started for it.
 pub fn from_config(iface: &NetworkInterfaceConfig) -> Result<Net, Error> {
+    let host_name = match (&iface.host_dev_name, &iface.passt) {
+        (Some(name), _) => name.as_str(),
+        (None, _) => passt::PROGRAM,
+    };
     let mac = match &iface.guest_mac {
         Some(text) => parse_mac(text).ok_or_else(|| Error::Mac(text.clone()))?,
-        None => derived_mac(&iface.host_dev_name, &iface.iface_id),
+        None => derived_mac(host_name, &iface.iface_id),
     };
-    let tap = tap::Tap::open(&iface.host_dev_name)?;
+    let (backend, mtu): (Box<dyn Backend>, Option<u16>) = match (&iface.host_dev_name, &iface.passt)
+    {
+        (Some(name), _) => (Box::new(tap::Tap::open(name)?), iface.mtu),
+        (None, Some(config)) => {
+            let opts = passt::Options {
+                config: config.clone(),
+                mtu: iface.mtu.unwrap_or(PASST_MAX_MTU),
+            };
+            let (sock, process) = passt::start(&opts)?;
+            let stream = stream::Stream::new(sock, Some(Box::new(process)))
+                .map_err(|e| Error::Passt(passt::Error::Socket(e)))?;
+            (Box::new(stream), Some(opts.mtu))
+        }
+        (None, None) => return Err(Error::NoBackend),
+    };
     let opts = NetOptions {
         iface_id: iface.iface_id.clone(),
         mac,
-        mtu: iface.mtu,
+        mtu,
     };
-    Ok(Net::new(&opts, Box::new(tap)))
+    Ok(Net::new(&opts, backend))
 }
 
 /// A stable, locally administered unicast MAC for an interface the config
@@ -217,6 +243,15 @@ impl Counters {
 /// A guest buffer to receive into: where and how long.
 type Buffer = (GuestAddress, usize);
 
+/// What became of a guest frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    /// Sent, or dropped and counted: the chain goes back to the guest.
+    Done,
+    /// The backend pushed back: the chain waits.
+    Later,
+}
+
 pub struct Net {
     iface_id: String,
     config: [u8; CONFIG_SPACE_SIZE],
@@ -231,10 +266,13 @@ pub struct Net {
     buf: Vec<u8>,
     /// The receive chain being filled (reused).
     rx_buffers: Vec<Buffer>,
-    /// Whether the backend's fd is registered with the event loop.
-    watching: bool,
+    /// What the backend's fd is watched for (empty: not registered).
+    watched: EventSet,
     /// The guest has no receive buffer: the backend waits for one.
     rx_starved: bool,
+    /// The backend pushed back: the guest's frames wait until it is
+    /// writable.
+    tx_blocked: bool,
     /// The backend failed (e.g. the tap was deleted): never watched again.
     broken: bool,
     counters: Counters,
@@ -249,9 +287,14 @@ impl Net {
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[CONFIG_MTU_OFFSET..].copy_from_slice(&mtu.to_le_bytes());
         let mut avail_features = features::COMMON | VIRTIO_NET_F_MAC;
-        if backend.offloads() {
-            avail_features |= OFFLOADS;
-        }
+        avail_features |= if backend.offloads() {
+            OFFLOADS
+        } else {
+            // kiln completes the guest's partial checksums itself (cheap
+            // here, interpreted guest code where kernel code is emulated);
+            // frames a backend marks DATA_VALID spare the guest its check.
+            VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
+        };
         if opts.mtu.is_some() {
             avail_features |= VIRTIO_NET_F_MTU;
         }
@@ -264,8 +307,9 @@ impl Net {
             backend,
             buf: vec![0; MAX_RX_FRAME + 1],
             rx_buffers: Vec::new(),
-            watching: false,
+            watched: EventSet::empty(),
             rx_starved: false,
+            tx_blocked: false,
             broken: false,
             counters: Counters::default(),
         }
@@ -285,45 +329,100 @@ impl Net {
         &self.counters
     }
 
-    /// Watches the backend exactly while the device is active, the guest
-    /// has receive buffers and the backend works.
+    /// Watches the backend while the device is active and the backend
+    /// works: for reading while the guest has receive buffers, for writing
+    /// while the backend holds the guest's frames back.
     fn update_watch(&mut self, active: bool, sources: &mut dyn Sources) {
-        let want = active && !self.rx_starved && !self.broken;
-        if want == self.watching {
+        let mut want = EventSet::empty();
+        if active && !self.broken {
+            if !self.rx_starved {
+                want |= EventSet::IN;
+            }
+            if self.tx_blocked {
+                want |= EventSet::OUT;
+            }
+        }
+        if want == self.watched {
             return;
         }
         let fd = self.backend.fd();
-        let res = if want {
-            sources.add(fd, BACKEND_TOKEN, EventSet::IN)
-        } else {
+        let res = if want.is_empty() {
             sources.remove(fd)
+        } else if self.watched.is_empty() {
+            sources.add(fd, BACKEND_TOKEN, want)
+        } else {
+            sources.modify(fd, BACKEND_TOKEN, want)
         };
         match res {
-            Ok(()) => self.watching = want,
-            Err(e) => warn!("net {}: cannot (un)watch the tap: {e}", self.iface_id),
+            Ok(()) => self.watched = want,
+            Err(e) => warn!("net {}: cannot (un)watch its backend: {e}", self.iface_id),
         }
     }
 
     fn backend_failed(&mut self, e: &io::Error) {
         if !self.broken {
+            let why = match self.backend.explain_failure() {
+                Some(words) => format!("{e}; it said: {words}"),
+                None => e.to_string(),
+            };
             warn!(
-                "net {}: the tap failed ({e}); the guest receives nothing more",
+                "net {}: the backend failed ({why}); the guest's network is down",
                 self.iface_id
             );
             self.broken = true;
         }
     }
 
-    /// The guest's frames: each chain is sent (or dropped) and returned.
+    /// The guest's frames: each chain is sent (or dropped) and returned,
+    /// until the backend pushes back (the chain stays for later). Returns
+    /// true when the budget ran out.
     fn process_tx(&mut self, active: &mut Active) -> bool {
-        active.drain(TXQ, |chain, mem| {
-            self.transmit(chain, mem);
-            Outcome::Used(0)
-        })
+        if self.tx_blocked || self.broken {
+            return false;
+        }
+        let Some(mut tx) = active.queue(TXQ) else {
+            return false;
+        };
+        let mem = tx.mem();
+        let mut budget = MAX_CHAINS_PER_DRAIN;
+        while budget > 0 {
+            let Some(chain) = tx.pop() else {
+                if tx.enable_notification() {
+                    continue;
+                }
+                break;
+            };
+            budget -= 1;
+            let head = chain.head_index();
+            if self.transmit(chain, mem) == Sent::Later {
+                tx.undo_pop();
+                self.tx_blocked = true;
+                break;
+            }
+            tx.add_used(head, 0);
+        }
+        budget == 0
     }
 
-    /// Gathers, checks and sends one frame.
-    fn transmit(&mut self, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) {
+    /// The backend became writable: what it held goes out, then the
+    /// guest's waiting frames.
+    fn backend_writable(&mut self, active: &mut Active) {
+        match self.backend.flush() {
+            Ok(()) => {
+                self.tx_blocked = false;
+                self.process_tx(active);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                self.tx_blocked = false;
+                self.backend_failed(&e);
+            }
+        }
+    }
+
+    /// Gathers, checks and sends one frame; `Later` when the backend
+    /// pushed back and the chain must wait.
+    fn transmit(&mut self, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> Sent {
         let tso = VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6;
         let limit = VNET_HDR_LEN
             + if self.acked & tso != 0 {
@@ -340,41 +439,41 @@ impl Net {
                     "net {}: device-writable buffer in a tx chain",
                     self.iface_id
                 );
-                return;
+                return Sent::Done;
             }
             let dlen = usize::try_from(desc.len()).unwrap_or(usize::MAX);
             let Some(end) = len.checked_add(dlen).filter(|&end| end <= limit) else {
                 c.tx_oversized += 1;
                 debug!("net {}: tx frame over {limit} bytes", self.iface_id);
-                return;
+                return Sent::Done;
             };
             let Some(dst) = self.buf.get_mut(len..end) else {
                 c.tx_oversized += 1;
-                return;
+                return Sent::Done;
             };
             if mem.read_slice(dst, desc.addr()).is_err() {
                 c.tx_bad_chain += 1;
                 debug!("net {}: tx buffer outside guest memory", self.iface_id);
-                return;
+                return Sent::Done;
             }
             len = end;
         }
         if len < VNET_HDR_LEN + ETH_HLEN {
             c.tx_short += 1;
             debug!("net {}: tx chain of {len} bytes", self.iface_id);
-            return;
+            return Sent::Done;
         }
         match check_tx_header(&self.buf[..len], self.acked, self.max_tx_frame) {
             TxCheck::Ok => {}
             TxCheck::Oversized => {
                 c.tx_oversized += 1;
                 debug!("net {}: unsegmented tx frame over the MTU", self.iface_id);
-                return;
+                return Sent::Done;
             }
             TxCheck::Bad(why) => {
                 c.tx_bad_header += 1;
                 debug!("net {}: bad tx header: {why}", self.iface_id);
-                return;
+                return Sent::Done;
             }
         }
         // The backend gets the checked fields only: checksum fields only
@@ -386,17 +485,30 @@ impl Net {
             self.buf[2..6].fill(0);
         }
         self.buf[HDR_NUM_BUFFERS..VNET_HDR_LEN].fill(0);
+        if !self.backend.offloads() {
+            // Not segmented (no HOST_TSO offered), so a partial checksum
+            // is all there is to finish.
+            if let Err(why) = complete_checksum(&mut self.buf[..len]) {
+                c.tx_bad_header += 1;
+                debug!("net {}: bad tx header: {why}", self.iface_id);
+                return Sent::Done;
+            }
+        }
         match self.backend.write_frame(&self.buf[..len]) {
             Ok(()) => c.tx_frames += 1,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if self.backend.backpressure() {
+                    return Sent::Later;
+                }
                 c.tx_backend_full += 1;
-                debug!("net {}: tap full, tx frame dropped", self.iface_id);
+                debug!("net {}: backend full, tx frame dropped", self.iface_id);
             }
             Err(e) => {
                 c.tx_backend_error += 1;
-                debug!("net {}: tap refused a frame: {e}", self.iface_id);
+                debug!("net {}: backend refused a frame: {e}", self.iface_id);
             }
         }
+        Sent::Done
     }
 
     /// Collects the receive chain's buffers into `rx_buffers`; false when
@@ -575,6 +687,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.rx_starved = false;
+        self.tx_blocked = false;
         self.acked = 0;
         if let Err(e) = self.backend.set_offload(0) {
             warn!(
@@ -623,6 +736,9 @@ impl VirtioDevice for Net {
         }
         let is_active = active.is_some();
         if let Some(active) = active {
+            if events.contains(EventSet::OUT) && self.tx_blocked {
+                self.backend_writable(active);
+            }
             // A budget that ran out leaves the fd readable: the event loop
             // (level-triggered) comes back after serving the others.
             self.fill_rx(active);

@@ -1,7 +1,7 @@
-//! The host side of a virtio-net device: a [`Backend`] moves whole frames,
-//! each behind a 12-byte `virtio_net_hdr_v1`, and is the device's event
-//! source. [`Tap`] is an existing tap device opened by name, as Firecracker
-//! does (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
+//! [`Tap`]: a virtio-net [`Backend`] on an existing tap device opened by
+//! name, as Firecracker does (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`): the
+//! tap moves each frame behind a `virtio_net_hdr` itself, and takes
+//! checksum and segmentation offloads when the host kernel allows.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -10,6 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
+use super::backend::{Backend, VNET_HDR_LEN};
 use super::Error;
 
 /// linux/if_tun.h: `TUNSETIFF`, `_IOW('T', 202, int)`.
@@ -23,29 +24,6 @@ const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 pub const TUN_F_CSUM: u32 = 0x01;
 pub const TUN_F_TSO4: u32 = 0x02;
 pub const TUN_F_TSO6: u32 = 0x04;
-
-/// The header in front of every frame a backend moves: virtio 1.2 §5.1.6's
-/// `virtio_net_hdr` with `num_buffers` (always there with VERSION_1).
-pub const VNET_HDR_LEN: usize = 12;
-
-/// Where a virtio-net device's frames go and come from.
-pub trait Backend: Send {
-    /// Reads one frame, its header first, into `buf`; a frame longer than
-    /// `buf` is cut short (the caller sees the buffer filled and drops it).
-    /// `WouldBlock` when none is waiting.
-    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Writes one frame, its header first. `WouldBlock` when the host side
-    /// is full.
-    fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
-    /// The fd the event loop watches for readable frames.
-    fn fd(&self) -> RawFd;
-    /// Whether frames with partial checksums and TCP segmentation left to
-    /// do (`virtio_net_hdr` offloads) can go both ways.
-    fn offloads(&self) -> bool;
-    /// Which `TUN_F_*` offloads frames read from the backend may use: what
-    /// the guest accepted.
-    fn set_offload(&mut self, flags: u32) -> io::Result<()>;
-}
 
 /// An existing tap device, attached to by name.
 pub struct Tap {
@@ -99,7 +77,7 @@ impl Tap {
         if unsafe { ioctl_with_mut_ref(&file, TUNSETIFF, &mut req) } < 0 {
             return Err(tap("attach to")(io::Error::last_os_error()));
         }
-        let size: libc::c_int = 12;
+        let size = libc::c_int::try_from(VNET_HDR_LEN).unwrap_or(12);
         // SAFETY: TUNSETVNETHDRSZ reads one int, which `size` is.
         if unsafe { ioctl_with_ref(&file, TUNSETVNETHDRSZ, &size) } < 0 {
             return Err(tap("set the virtio-net header size of")(

@@ -1,10 +1,10 @@
 //! The net device through its two queues, as a guest driver (often a
 //! hostile one) uses them, with a datagram socket pair as the tap.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
@@ -19,11 +19,14 @@ const RX_BUF: u64 = 0x4_0000;
 const MAC: [u8; 6] = [0x06, 0, 0xac, 0x10, 0, 2];
 
 /// A tap stand-in: one datagram is one frame; `offloads` says whether it
-/// takes them, `flags` what the device last set.
+/// takes them, `flags` what the device last set. With `backpressure` it
+/// acts as a stream backend: while `full`, it takes nothing and says so.
 struct Fake {
     sock: UnixDatagram,
     offloads: bool,
     flags: Arc<AtomicU32>,
+    backpressure: bool,
+    full: Arc<AtomicBool>,
 }
 
 fn fake(sock: UnixDatagram) -> Box<Fake> {
@@ -31,6 +34,8 @@ fn fake(sock: UnixDatagram) -> Box<Fake> {
         sock,
         offloads: false,
         flags: Arc::default(),
+        backpressure: false,
+        full: Arc::default(),
     })
 }
 
@@ -39,7 +44,19 @@ impl Backend for Fake {
         self.sock.recv(buf)
     }
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         self.sock.send(frame).map(|_| ())
+    }
+    fn backpressure(&self) -> bool {
+        self.backpressure
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
     }
     fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()
@@ -53,20 +70,27 @@ impl Backend for Fake {
     }
 }
 
-/// The fds the device watches.
+/// The fds the device watches, and for what.
 #[derive(Default)]
-struct Watched(HashSet<RawFd>);
+struct Watched(HashMap<RawFd, EventSet>);
 
 impl Sources for Watched {
-    fn add(&mut self, fd: RawFd, _: u32, _: EventSet) -> io::Result<()> {
-        assert!(self.0.insert(fd), "fd {fd} added twice");
+    fn add(&mut self, fd: RawFd, _: u32, events: EventSet) -> io::Result<()> {
+        assert!(self.0.insert(fd, events).is_none(), "fd {fd} added twice");
         Ok(())
     }
-    fn modify(&mut self, _: RawFd, _: u32, _: EventSet) -> io::Result<()> {
+    fn modify(&mut self, fd: RawFd, _: u32, events: EventSet) -> io::Result<()> {
+        assert!(
+            self.0.insert(fd, events).is_some(),
+            "fd {fd} modified but not added"
+        );
         Ok(())
     }
     fn remove(&mut self, fd: RawFd) -> io::Result<()> {
-        assert!(self.0.remove(&fd), "fd {fd} removed but not added");
+        assert!(
+            self.0.remove(&fd).is_some(),
+            "fd {fd} removed but not added"
+        );
         Ok(())
     }
 }
@@ -165,6 +189,8 @@ struct Guest {
     dev_fd: RawFd,
     /// The tap offloads the device set last.
     tun_flags: Arc<AtomicU32>,
+    /// Set: the backend takes nothing (see [`Fake`]).
+    full: Arc<AtomicBool>,
 }
 
 fn opts(mtu: Option<u16>) -> NetOptions {
@@ -180,18 +206,35 @@ impl Guest {
         Self::with(mtu, false, 0)
     }
 
+    /// A backend without offloads, a driver accepting `feats`.
+    fn new_with_feats(feats: u64) -> Self {
+        Self::with(None, false, feats)
+    }
+
     /// A tap that takes offloads, and a driver accepting `feats` of them.
     fn offloading(feats: u64) -> Self {
         Self::with(None, true, feats)
     }
 
     fn with(mtu: Option<u16>, offloads: bool, feats: u64) -> Self {
+        Self::with_backend(mtu, offloads, false, feats)
+    }
+
+    /// A stream-like backend that pushes back, and a driver accepting
+    /// `feats`.
+    fn pushing_back(feats: u64) -> Self {
+        Self::with_backend(None, false, true, feats)
+    }
+
+    fn with_backend(mtu: Option<u16>, offloads: bool, backpressure: bool, feats: u64) -> Self {
         let (ours, host) = UnixDatagram::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         host.set_nonblocking(true).unwrap();
         let dev_fd = ours.as_raw_fd();
         let mut backend = fake(ours);
         backend.offloads = offloads;
+        backend.backpressure = backpressure;
+        let full = backend.full.clone();
         let tun_flags = backend.flags.clone();
         let dev = slot(Net::new(&opts(mtu), backend));
         let mem = guest_mem();
@@ -211,6 +254,7 @@ impl Guest {
             host,
             dev_fd,
             tun_flags,
+            full,
         };
         g.dev.lock().unwrap().sync_sources(&mut g.watched);
         g
@@ -230,7 +274,7 @@ impl Guest {
     }
 
     fn watching(&self) -> bool {
-        self.watched.0.contains(&self.dev_fd)
+        self.watched.0.contains_key(&self.dev_fd)
     }
 
     /// The guest sends `descs` (written with `bytes` from TX_BUF on);
@@ -311,11 +355,16 @@ fn identification_and_config_space() {
     let offered = g.d.read(0x10);
     assert_ne!(offered & u32::try_from(VIRTIO_NET_F_MAC).unwrap(), 0);
     assert_ne!(offered & u32::try_from(VIRTIO_NET_F_MTU).unwrap(), 0);
-    // Without an MTU in the config, none is announced; no offloads ever.
+    // Without an MTU in the config, none is announced. A backend without
+    // offloads gets checksums only (kiln completes them): no TSO, ECN, UFO.
     let g = Guest::new(None);
     let avail = g.dev.lock().unwrap().device.avail_features();
     assert_eq!(avail & VIRTIO_NET_F_MTU, 0);
-    assert_eq!(avail & 0xc7, 0, "no CSUM/GUEST_CSUM/TSO/ECN/UFO bits");
+    assert_eq!(avail & 0x1fc4, 0, "no TSO/ECN/UFO bits");
+    assert_eq!(
+        avail & (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM),
+        VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
+    );
 }
 
 #[test]
@@ -655,4 +704,87 @@ fn offloaded_rx_frames_keep_their_header_when_accepted() {
         assert_eq!(gf.len(), *frame_len);
     }
     assert_eq!(g.counters().rx_bad_frame, 5);
+}
+
+#[test]
+fn partial_checksums_are_completed_for_a_backend_without_offloads() {
+    let mut g = Guest::new_with_feats(VIRTIO_NET_F_CSUM);
+    // IPv4 + UDP: checksum from byte 34 (the UDP header), field at +6, its
+    // seed (the pseudo-header sum) left 0 here.
+    let mut f = frame(301);
+    f[34 + 6..34 + 8].fill(0);
+    g.send(hdr(1, 0, 0, 34, 6), &f);
+    let got = g.host_frames();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        &got[0][..12],
+        &[0u8; 12],
+        "the backend is asked for nothing"
+    );
+    assert_eq!(header::ones_complement_sum(&got[0][12 + 34..]), 0xffff);
+    assert_eq!(&got[0][12..12 + 34 + 6], &f[..34 + 6]);
+    assert_eq!(&got[0][12 + 34 + 8..], &f[34 + 8..]);
+    // Without VIRTIO_NET_F_CSUM accepted, NEEDS_CSUM is still refused.
+    let mut g = Guest::new(None);
+    g.send(hdr(1, 0, 0, 34, 6), &f);
+    assert!(g.host_frames().is_empty());
+    assert_eq!(g.counters().tx_bad_header, 1);
+}
+
+#[test]
+fn data_valid_reaches_only_a_guest_that_accepted_guest_csum() {
+    for (feats, want) in [(VIRTIO_NET_F_GUEST_CSUM, 2u8), (0, 0)] {
+        let mut g = Guest::new_with_feats(feats);
+        g.post_rx(0, 2000);
+        let mut raw = hdr(2, 0, 0, 0, 0).to_vec();
+        raw.extend_from_slice(&frame(1000));
+        g.host.send(&raw).unwrap();
+        g.tap_readable();
+        let got = g.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0[0], want, "features {feats:#x}");
+    }
+}
+
+#[test]
+fn a_backend_that_pushes_back_holds_the_guests_frames() {
+    let mut g = Guest::pushing_back(0);
+    g.post_rx(0, 2000);
+    assert_eq!(g.watched.0.get(&g.dev_fd), Some(&EventSet::IN));
+    g.full.store(true, Ordering::SeqCst);
+    // Three frames wait in the guest's ring: none is used, none dropped,
+    // and the device waits for the backend to be writable.
+    let mut bytes = vec![0u8; 12];
+    bytes.extend_from_slice(&frame(100));
+    g.mem.write_slice(&bytes, GuestAddress(TX_BUF)).unwrap();
+    for _ in 0..3 {
+        g.tx.push(&g.mem, &[(TX_BUF, 112, false)]);
+    }
+    g.process(TXQ);
+    assert!(g.tx.take_used(&g.mem).is_empty());
+    assert_eq!(
+        g.watched.0.get(&g.dev_fd),
+        Some(&(EventSet::IN | EventSet::OUT))
+    );
+    // Kicks while blocked change nothing.
+    g.process(TXQ);
+    assert!(g.tx.take_used(&g.mem).is_empty());
+    // Writable again: all three go, in order, and OUT is no longer asked.
+    g.full.store(false, Ordering::SeqCst);
+    g.dev
+        .lock()
+        .unwrap()
+        .process_source(BACKEND_TOKEN, EventSet::OUT, &mut g.watched);
+    assert_eq!(g.tx.take_used(&g.mem).len(), 3);
+    assert_eq!(g.host_frames().len(), 3);
+    let c = g.counters();
+    assert_eq!((c.tx_frames, c.tx_backend_full), (3, 0), "{c:?}");
+    assert_eq!(g.watched.0.get(&g.dev_fd), Some(&EventSet::IN));
+    // A reset while blocked forgets it.
+    g.full.store(true, Ordering::SeqCst);
+    g.tx.push(&g.mem, &[(TX_BUF, 112, false)]);
+    g.process(TXQ);
+    g.d.write(0x70, 0);
+    g.dev.lock().unwrap().sync_sources(&mut g.watched);
+    assert!(!g.watching());
 }
