@@ -2,7 +2,8 @@
 //!
 //! 1. mounts /proc, /sys and /dev (devtmpfs);
 //! 2. connects to the host over vsock ([`crate::protocol`]) and says Hello;
-//! 3. on `Prepare`, builds the command's root: the image's block device
+//! 3. on `Prepare`, brings `lo` up, and the network interface a `Network`
+//!    message described, if any; builds the command's root: the image's block device
 //!    read-only under a tmpfs overlay (what the command writes to / is gone
 //!    after the run), with /proc, /sys, /dev, /dev/pts, /dev/shm and /tmp
 //!    mounted in it, and moves into it (chroot); says Ready. Here the host
@@ -22,6 +23,7 @@
 //! the console otherwise, and the VM is powered off: the agent never
 //! returns.
 
+mod net;
 mod session;
 mod setup;
 mod sys;
@@ -31,7 +33,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
-use crate::protocol::{self, Msg, AGENT_PORT, VERSION};
+use crate::protocol::{self, Msg, NetworkSpec, AGENT_PORT, VERSION};
 
 /// The host's vsock address.
 const HOST_CID: u32 = 2;
@@ -134,11 +136,25 @@ fn fail(stream: &mut UnixStream, e: &Error) -> Result<(), Error> {
     Ok(())
 }
 
+/// What a template holds: the network, and the command's root entered.
+fn prepare(root_device: &str, warm_up: bool, network: Option<&NetworkSpec>) -> Result<(), Error> {
+    net::loopback()?;
+    if let Some(spec) = network {
+        net::configure(spec)?;
+    }
+    setup::enter_root(root_device, warm_up)?;
+    match network {
+        Some(spec) => net::resolv_conf(std::path::Path::new("/"), spec),
+        None => Ok(()),
+    }
+}
+
 /// Hello, Prepare, Resume and Exec (see the order in [`crate::protocol`]),
 /// then the command's life.
 fn serve(mut stream: UnixStream, started_ms: u32) -> Result<(), Error> {
     hello(&mut stream, started_ms)?;
     let mut prepared = false;
+    let mut network = None;
     loop {
         let msg = match protocol::read_msg(&mut stream) {
             Ok(Some(m)) => m,
@@ -153,11 +169,12 @@ fn serve(mut stream: UnixStream, started_ms: u32) -> Result<(), Error> {
             Err(e) => return Err(e.into()),
         };
         match msg {
+            Msg::Network(spec) if !prepared => network = Some(spec),
             Msg::Prepare {
                 root_device,
                 warm_up,
             } if !prepared => {
-                if let Err(e) = setup::enter_root(&root_device, warm_up) {
+                if let Err(e) = prepare(&root_device, warm_up, network.as_deref()) {
                     return fail(&mut stream, &e);
                 }
                 prepared = true;
@@ -188,7 +205,7 @@ fn serve(mut stream: UnixStream, started_ms: u32) -> Result<(), Error> {
             m => {
                 return Err(Error::Unexpected(
                     format!("{m:?}"),
-                    "Prepare, Resume or Exec",
+                    "Network, Prepare, Resume or Exec",
                 ))
             }
         }

@@ -56,10 +56,15 @@
 //!   since the epoch, then [`ENTROPY_MIN`] to [`ENTROPY_MAX`] bytes of host
 //!   entropy: the agent sets the guest's clock and reseeds its kernel RNG
 //!   before anything of the run's starts.
+//! - `Network(spec)` (24): [`NetworkSpec`] as JSON; before `Prepare`, for a
+//!   VM with a network interface: the agent configures it (address, default
+//!   route) and the root's `/etc/resolv.conf` as part of `Prepare`, so a
+//!   template holds it too. Without it the guest has only `lo` (which
+//!   `Prepare` brings up either way).
 //!
 //! # Order and warm starts
 //! ```text
-//! agent: Hello          host: Hello, Prepare
+//! agent: Hello          host: Hello, [Network,] Prepare
 //! agent: Ready          (the host may snapshot the VM here: a template)
 //!                       host: Resume, Exec
 //! ```
@@ -79,7 +84,7 @@
 //! still receives `Signal`).
 //!
 //! # Versions
-//! [`VERSION`] is 2 (1 had no Prepare, Ready or Resume). Each side sends its version in `Hello`; a host and an
+//! [`VERSION`] is 3 (2 had no Network, 1 no Prepare, Ready or Resume). Each side sends its version in `Hello`; a host and an
 //! agent with different versions refuse each other, naming both.
 
 use std::io::{self, Read, Write};
@@ -87,7 +92,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The vsock port the agent connects to on the host.
 pub const AGENT_PORT: u32 = 1024;
 /// Largest frame (`len`): an `Exec` with a big environment fits.
@@ -98,6 +103,8 @@ pub const MAX_DATA: usize = 64 * 1024;
 pub const STDIN_WINDOW: u32 = 256 * 1024;
 /// Longest `Prepare` device name.
 pub const MAX_NAME: usize = 256;
+/// Most name servers in a `Network` (what the C library reads).
+pub const MAX_DNS: usize = 3;
 /// Bounds on `Resume`'s entropy.
 pub const ENTROPY_MIN: usize = 32;
 pub const ENTROPY_MAX: usize = 256;
@@ -112,8 +119,8 @@ pub enum Error {
     UnknownKind(u8),
     #[error("malformed {0} message")]
     Malformed(&'static str),
-    #[error("malformed Exec message")]
-    Spec(#[source] serde_json::Error),
+    #[error("malformed {0} message")]
+    Json(&'static str, #[source] serde_json::Error),
 }
 
 /// How the command ended.
@@ -154,6 +161,22 @@ pub struct ExecSpec {
     /// Forward stdin (else the command's stdin is /dev/null).
     pub stdin: bool,
     pub mounts: Vec<Mount>,
+}
+
+/// A guest network interface the agent configures: the one with this MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// The interface's MAC address (how the agent finds it).
+    pub mac: [u8; 6],
+    pub address: std::net::Ipv4Addr,
+    /// 1 to 32.
+    pub prefix_len: u8,
+    /// The default route's gateway.
+    pub gateway: std::net::Ipv4Addr,
+    /// Name servers for the root's `/etc/resolv.conf` (at most 3, as the C
+    /// library reads).
+    pub dns: Vec<std::net::Ipv4Addr>,
 }
 
 /// One message, either way.
@@ -199,6 +222,7 @@ pub enum Msg {
         unix_ns: u64,
         entropy: Vec<u8>,
     },
+    Network(Box<NetworkSpec>),
 }
 
 mod kind {
@@ -218,6 +242,7 @@ mod kind {
     pub const RESIZE: u8 = 21;
     pub const PREPARE: u8 = 22;
     pub const RESUME: u8 = 23;
+    pub const NETWORK: u8 = 24;
 }
 
 fn le32(p: &[u8], what: &'static str) -> Result<u32, Error> {
@@ -289,6 +314,11 @@ impl Msg {
                 p.extend_from_slice(entropy);
                 (kind::RESUME, p)
             }
+            Msg::Network(spec) => (
+                kind::NETWORK,
+                // Serializing addresses and numbers cannot fail.
+                serde_json::to_vec(spec).unwrap_or_default(),
+            ),
         };
         let len = u32::try_from(payload.len() + 1).unwrap_or(u32::MAX);
         let mut frame = Vec::with_capacity(payload.len() + 5);
@@ -350,7 +380,9 @@ impl Msg {
             kind::HOST_HELLO => Msg::HostHello {
                 version: le32(p, "Hello")?,
             },
-            kind::EXEC => Msg::Exec(Box::new(serde_json::from_slice(p).map_err(Error::Spec)?)),
+            kind::EXEC => Msg::Exec(Box::new(
+                serde_json::from_slice(p).map_err(|e| Error::Json("Exec", e))?,
+            )),
             kind::STDIN => Msg::Stdin(data(p, "Stdin")?),
             kind::STDIN_EOF => return empty(Msg::StdinEof, "StdinEof"),
             kind::SIGNAL => Msg::Signal {
@@ -386,6 +418,14 @@ impl Msg {
                     unix_ns: u64::from_le_bytes(b),
                     entropy: entropy.to_vec(),
                 }
+            }
+            kind::NETWORK => {
+                let spec: NetworkSpec =
+                    serde_json::from_slice(p).map_err(|e| Error::Json("Network", e))?;
+                if !(1..=32).contains(&spec.prefix_len) || spec.dns.len() > MAX_DNS {
+                    return Err(Error::Malformed("Network"));
+                }
+                Msg::Network(Box::new(spec))
             }
             k => return Err(Error::UnknownKind(k)),
         })

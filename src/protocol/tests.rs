@@ -53,6 +53,13 @@ fn all_messages() -> Vec<Msg> {
             unix_ns: 1_795_000_000_123_456_789,
             entropy: vec![0xa5; ENTROPY_MAX],
         },
+        Msg::Network(Box::new(NetworkSpec {
+            mac: [2, 0x4b, 0x49, 0x4c, 0x4e, 0],
+            address: "10.0.2.15".parse().unwrap(),
+            prefix_len: 24,
+            gateway: "10.0.2.2".parse().unwrap(),
+            dns: vec!["10.0.2.3".parse().unwrap()],
+        })),
     ]
 }
 
@@ -116,6 +123,7 @@ fn hostile_frames_are_errors() {
         frame(2 + 257, 22, &[b'a'; 258]),     // Prepare, device name too long
         frame(9 + 31, 23, &[0; 8 + 31]),      // Resume, too little entropy
         frame(9 + 257, 23, &[0; 8 + 257]),    // Resume, too much entropy
+        frame(3, 24, b"{}"),                  // Network without fields
     ];
     for (i, bytes) in cases.iter().enumerate() {
         let mut r = bytes.as_slice();
@@ -123,6 +131,23 @@ fn hostile_frames_are_errors() {
         let mut d = Decoder::default();
         d.push(bytes);
         assert!(d.next_msg().is_err() || d.wants() > 0, "case {i}");
+    }
+    // A Network with a prefix length past 32, no prefix, more name servers
+    // than the C library reads, a field this version does not know.
+    let net = |prefix: u8, dns: usize, extra: &str| {
+        format!(
+            r#"{{"mac":[2,0,0,0,0,1],"address":"10.0.2.15","prefix_len":{prefix},"gateway":"10.0.2.2","dns":[{}]{extra}}}"#,
+            vec![r#""10.0.2.3""#; dns].join(",")
+        )
+    };
+    assert!(Msg::decode(24, net(24, 3, "").as_bytes()).is_ok());
+    for bad in [
+        net(33, 1, ""),
+        net(0, 1, ""),
+        net(24, 4, ""),
+        net(24, 1, r#","x":1"#),
+    ] {
+        assert!(Msg::decode(24, bad.as_bytes()).is_err(), "{bad}");
     }
     // An Exec with a field this version does not know.
     let p = br#"{"argv":[],"env":[],"cwd":"/","user":null,"hostname":"h","tty":false,"winsize":null,"stdin":false,"mounts":[],"extra":1}"#;
