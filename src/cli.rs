@@ -136,6 +136,13 @@ pub struct RunArgs {
     #[arg(long, short = 'u', value_name = "UID[:GID]")]
     pub user: Option<String>,
 
+    /// The guest's network: `none` (only a loopback) or `passt` (outbound
+    /// TCP, UDP and DNS through the host's own sockets, by Debian's passt,
+    /// no root: the guest is 10.0.2.15/24, the host's loopback is reachable
+    /// at 10.0.2.2, DNS at 10.0.2.3). Example: --net passt
+    #[arg(long, value_name = "none|passt", default_value = "none")]
+    pub net: NetMode,
+
     /// Stop the command this long after it started (`90`, `30s`, `10m`,
     /// `2h`; the boot does not count); kiln
     /// then exits 124. Example: --timeout 10m
@@ -175,6 +182,24 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// `kiln run --net`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetMode {
+    /// No network device: the guest has `lo` only.
+    None,
+    /// A virtio-net device on a passt process kiln starts and stops.
+    Passt,
+}
+
+impl NetMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetMode::None => "none",
+            NetMode::Passt => "passt",
+        }
+    }
 }
 
 /// `--mount HOST:GUEST[:ro]`.

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use super::template::{Lock, Template};
 use super::{initramfs, io_err, ConsoleTail, Error};
-use crate::config::VmConfig;
-use crate::protocol::{self, Msg, VERSION};
+use crate::cli::NetMode;
+use crate::config::{PasstConfig, VmConfig};
+use crate::protocol::{self, Msg, NetworkSpec, VERSION};
 use crate::vmm::exit::{ExitReason, ExitSignal};
 use crate::vmm::{ConsoleIo, ConsoleOutput, RunOutcome, Snapshotter, Vmm};
 
@@ -116,6 +117,34 @@ impl Drop for Machine {
     }
 }
 
+/// The MAC of `--net`'s interface: locally administered, "kiln" in ASCII.
+const GUEST_MAC: [u8; 6] = [0x02, 0x6b, 0x69, 0x6c, 0x6e, 0x00];
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// What the agent configures for `--net`: passt's defaults (see
+/// [`PasstConfig`]), the host's DNS forwarded through passt.
+fn network_spec(net: NetMode) -> Option<NetworkSpec> {
+    match net {
+        NetMode::None => None,
+        NetMode::Passt => {
+            let p = PasstConfig::default();
+            Some(NetworkSpec {
+                mac: GUEST_MAC,
+                address: p.address(),
+                prefix_len: p.prefix_len(),
+                gateway: p.gateway(),
+                dns: vec![p.dns()],
+            })
+        }
+    }
+}
+
 /// What the VM is made of.
 pub struct Recipe<'a> {
     pub kernel: &'a Path,
@@ -128,6 +157,7 @@ pub struct Recipe<'a> {
     pub memory_mib: u32,
     /// Host folder and read-only flag of each shared folder (tags m0, m1...).
     pub shares: Vec<(PathBuf, bool)>,
+    pub net: NetMode,
     pub console: ConsoleTail,
 }
 
@@ -149,6 +179,12 @@ impl Recipe<'_> {
         if let Some(initrd) = initrd {
             boot["initrd_path"] = serde_json::json!(initrd);
         }
+        let net: Vec<serde_json::Value> = match self.net {
+            NetMode::None => Vec::new(),
+            NetMode::Passt => vec![serde_json::json!({
+                "iface_id": "eth0", "guest_mac": mac_text(&GUEST_MAC), "passt": {},
+            })],
+        };
         let config = serde_json::json!({
             "boot-source": boot,
             "machine-config": { "vcpu_count": self.cpus, "mem_size_mib": self.memory_mib },
@@ -159,6 +195,7 @@ impl Recipe<'_> {
             "vsock": { "guest_cid": 3, "uds_path": self.uds },
             "entropy": {},
             "fs": fs,
+            "network-interfaces": net,
         });
         VmConfig::from_json(&config.to_string()).map_err(Error::Config)
     }
@@ -279,6 +316,9 @@ fn cold(
     let mut stream = accept_agent(listener, &machine, BOOT_TIMEOUT)?;
     let uptimes = greet(&mut stream)?;
     let hello = start.elapsed();
+    if let Some(spec) = network_spec(recipe.net) {
+        protocol::write_msg(&mut stream, &Msg::Network(Box::new(spec))).map_err(Error::Protocol)?;
+    }
     protocol::write_msg(
         &mut stream,
         &Msg::Prepare {

@@ -363,6 +363,7 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
             .iter()
             .map(|m| (m.host.clone(), m.read_only))
             .collect(),
+        net: args.net,
         console: console.clone(),
     };
     let template = if args.cold {
@@ -483,6 +484,7 @@ fn template_for(
         cpus: recipe.cpus,
         memory_mib: recipe.memory_mib,
         shares: recipe.shares.len(),
+        net: recipe.net.name(),
     };
     match parts.text() {
         Ok(key) => Some(template::Template::new(template::base(), key)),

@@ -40,6 +40,8 @@ pub struct KeyParts<'a> {
     pub cpus: u8,
     pub memory_mib: u32,
     pub shares: usize,
+    /// `--net`'s mode.
+    pub net: &'a str,
 }
 
 /// A file's identity: path, size, inode, modification time.
@@ -66,7 +68,7 @@ impl KeyParts<'_> {
         };
         Ok(format!(
             "kiln-version: {}\nkiln: {}\nagent: {}\nkernel: {}\nimage: {image}\n\
-             cpus: {}\nmemory-mib: {}\nshared-folders: {}\n",
+             cpus: {}\nmemory-mib: {}\nshared-folders: {}\nnetwork: {}\n",
             env!("CARGO_PKG_VERSION"),
             identity(self.kiln)?,
             identity(self.agent)?,
@@ -74,6 +76,7 @@ impl KeyParts<'_> {
             self.cpus,
             self.memory_mib,
             self.shares,
+            self.net,
         ))
     }
 }
@@ -428,9 +431,16 @@ mod tests {
             cpus: 2,
             memory_mib: 512,
             shares: 1,
+            net: "none",
         };
         let before = parts.text().unwrap();
         assert!(before.contains("cpus: 2\n") && before.contains("shared-folders: 1\n"));
+        let with_net = KeyParts {
+            net: "passt",
+            ..parts
+        };
+        assert_ne!(with_net.text().unwrap(), before);
+        assert!(with_net.text().unwrap().contains("network: passt\n"));
         fs::write(&kernel, "a longer kernel").unwrap();
         assert_ne!(parts.text().unwrap(), before);
         let with_id = KeyParts {
