@@ -18,8 +18,22 @@
  *   kiln-vsock connect PORT probe
  *       Connects and prints "CONNECT-OK" or "CONNECT-ERR=<errno name>".
  *
+ *
+ * TCP, for the network tests and benchmark (tests/net.rs, tools/bench-net),
+ * with 1 MiB reads and writes: each guest system call is costly where the
+ * guest kernel is interpreted, so few large ones move the most:
+ *   kiln-vsock tcp pipe SRC-IP SRC-PORT DST-IP DST-PORT
+ *       Connects to both, copies everything from the first to the second,
+ *       shuts the second's write side, prints "PIPED <bytes> <ms>".
+ *   kiln-vsock tcp send IP PORT SIZE SEED
+ *       Connects, writes SIZE pattern bytes, shuts down its write side,
+ *       prints "SENT <bytes> <ms>" and the peer's one-line answer, if any,
+ *       as "REPLY <line>".
+ *   kiln-vsock tcp recv IP PORT
+ *       Connects, reads until EOF, prints "RECEIVED <bytes> <fnv1a64> <ms>".
+ *
  * The pattern byte i of seed s is (i * 31 + s) & 0xff, the same on the
- * host side (tests/vsock.rs, tools/bench-vsock).
+ * host side (tests/vsock.rs, tools/bench-vsock, tools/bench-net).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,11 +42,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <linux/vm_sockets.h>
 
 #define BUF (64 * 1024)
 static unsigned char buf[BUF], buf2[BUF];
+#define TCP_BUF (1024 * 1024)
+static unsigned char tcp_buf[TCP_BUF];
 
 static void die(const char *what) {
     fprintf(stderr, "kiln-vsock: %s: %s\n", what, strerror(errno));
@@ -187,7 +206,83 @@ static int send_data(int s, uint64_t size, unsigned seed) {
     return 0;
 }
 
+static long long now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static int tcp_connect(const char *ip, const char *port) {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)strtoul(port, NULL, 10))};
+    if (inet_pton(AF_INET, ip, &a.sin_addr) != 1) {
+        fprintf(stderr, "kiln-vsock: not an IPv4 address: %s\n", ip);
+        exit(2);
+    }
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s < 0)
+        die("socket");
+    if (connect(s, (struct sockaddr *)&a, sizeof a) < 0)
+        die("connect");
+    return s;
+}
+
+static int tcp(int argc, char **argv) {
+    long long start = now_ms();
+    if (argc == 7 && strcmp(argv[2], "pipe") == 0) {
+        int src = tcp_connect(argv[3], argv[4]), dst = tcp_connect(argv[5], argv[6]);
+        unsigned long long total = 0;
+        ssize_t r;
+        while ((r = read(src, tcp_buf, TCP_BUF)) > 0) {
+            write_all(dst, tcp_buf, (size_t)r);
+            total += (unsigned long long)r;
+        }
+        if (r < 0)
+            die("read");
+        if (shutdown(dst, SHUT_WR) < 0)
+            die("shutdown");
+        printf("PIPED %llu %lld\n", total, now_ms() - start);
+        return 0;
+    }
+    if (argc == 7 && strcmp(argv[2], "send") == 0) {
+        int s = tcp_connect(argv[3], argv[4]);
+        uint64_t size = strtoull(argv[5], NULL, 10);
+        unsigned seed = (unsigned)strtoul(argv[6], NULL, 10);
+        for (uint64_t off = 0; off < size;) {
+            size_t k = size - off < TCP_BUF ? (size_t)(size - off) : TCP_BUF;
+            pattern(tcp_buf, k, off, seed);
+            write_all(s, tcp_buf, k);
+            off += k;
+        }
+        if (shutdown(s, SHUT_WR) < 0)
+            die("shutdown");
+        printf("SENT %llu %lld\n", (unsigned long long)size, now_ms() - start);
+        char line[128];
+        if (read_line(s, line, sizeof line) == 0)
+            printf("REPLY %s\n", line);
+        return 0;
+    }
+    if (argc == 5 && strcmp(argv[2], "recv") == 0) {
+        int s = tcp_connect(argv[3], argv[4]);
+        uint64_t h = 0xcbf29ce484222325ULL, total = 0;
+        ssize_t r;
+        while ((r = read(s, tcp_buf, TCP_BUF)) > 0) {
+            h = fnv1a(h, tcp_buf, (size_t)r);
+            total += (uint64_t)r;
+        }
+        if (r < 0)
+            die("read");
+        printf("RECEIVED %llu %016llx %lld\n", (unsigned long long)total, (unsigned long long)h,
+               now_ms() - start);
+        return 0;
+    }
+    fprintf(stderr, "usage: kiln-vsock tcp pipe SRC-IP SRC-PORT DST-IP DST-PORT | "
+                    "tcp send IP PORT SIZE SEED | tcp recv IP PORT\n");
+    return 2;
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 2 && strcmp(argv[1], "tcp") == 0)
+        return tcp(argc, argv);
     if (argc >= 3 && strcmp(argv[1], "serve") == 0)
         return serve((unsigned)strtoul(argv[2], NULL, 10), argc > 3 ? strtol(argv[3], NULL, 10) : -1);
     if (argc >= 4 && strcmp(argv[1], "connect") == 0) {
