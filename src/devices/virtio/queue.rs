@@ -201,6 +201,11 @@ impl<'a> Cursor<'a> {
         self.mem
     }
 
+    /// The queue's size, as the driver set it: the most chains it can hold.
+    pub fn size(&self) -> u16 {
+        self.q.size()
+    }
+
     /// Marks the device DEVICE_NEEDS_RESET (when the cursor is dropped).
     pub fn fail(&mut self) {
         self.fatal = true;

@@ -34,6 +34,7 @@
 pub mod backend;
 mod header;
 pub mod passt;
+mod rx;
 pub mod stream;
 pub mod tap;
 
@@ -45,12 +46,12 @@ use std::io;
 use event_manager::EventSet;
 use log::{debug, warn};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
+use vm_memory::{Bytes, GuestAddress};
 
 use self::backend::{Backend, VNET_HDR_LEN};
 use self::header::{
-    check_tx_header, complete_checksum, fix_rx_header, tun_offloads, TxCheck, HDR_F_NEEDS_CSUM,
-    HDR_GSO_NONE, HDR_NUM_BUFFERS,
+    check_tx_header, complete_checksum, tun_offloads, TxCheck, HDR_F_NEEDS_CSUM, HDR_GSO_NONE,
+    HDR_NUM_BUFFERS,
 };
 use super::queue::MAX_CHAINS_PER_DRAIN;
 use super::{device_type, features, read_config_space, Active, GuestMem, Sources, VirtioDevice};
@@ -82,6 +83,9 @@ pub const OFFLOADS: u64 = VIRTIO_NET_F_CSUM
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 /// §5.1.3: the device has given a MAC address in the config space.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// §5.1.3: the driver can merge receive buffers: a frame may fill several
+/// chains (`num_buffers`), so the driver posts small ones.
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 
 /// §5.1.4: `mac[6]`, `le16 status`, `le16 max_virtqueue_pairs`, `le16 mtu`.
 const CONFIG_SPACE_SIZE: usize = 12;
@@ -262,9 +266,15 @@ pub struct Net {
     /// The features the driver accepted (offloads), 0 while inactive.
     acked: u64,
     backend: Box<dyn Backend>,
-    /// One frame at a time, either way.
-    buf: Vec<u8>,
-    /// The receive chain being filled (reused).
+    /// The guest's frame being sent.
+    tx_buf: Vec<u8>,
+    /// The host's frame being received, `rx_held` bytes of it waiting for
+    /// receive buffers.
+    rx_buf: Vec<u8>,
+    rx_held: Option<usize>,
+    /// The receive chains taken for `rx_held` (head, end of its buffers in
+    /// `rx_buffers`, room): with mergeable buffers a frame fills several.
+    rx_chains: Vec<(u16, usize, usize)>,
     rx_buffers: Vec<Buffer>,
     /// What the backend's fd is watched for (empty: not registered).
     watched: EventSet,
@@ -286,7 +296,7 @@ impl Net {
         // max_virtqueue_pairs: 1 (only read with VIRTIO_NET_F_MQ).
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[CONFIG_MTU_OFFSET..].copy_from_slice(&mtu.to_le_bytes());
-        let mut avail_features = features::COMMON | VIRTIO_NET_F_MAC;
+        let mut avail_features = features::COMMON | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF;
         avail_features |= if backend.offloads() {
             OFFLOADS
         } else {
@@ -305,7 +315,10 @@ impl Net {
             max_tx_frame: usize::from(mtu) + ETH_HLEN + VLAN_HLEN,
             acked: 0,
             backend,
-            buf: vec![0; MAX_RX_FRAME + 1],
+            tx_buf: vec![0; MAX_RX_FRAME + 1],
+            rx_buf: vec![0; MAX_RX_FRAME + 1],
+            rx_held: None,
+            rx_chains: Vec::new(),
             rx_buffers: Vec::new(),
             watched: EventSet::empty(),
             rx_starved: false,
@@ -447,7 +460,7 @@ impl Net {
                 debug!("net {}: tx frame over {limit} bytes", self.iface_id);
                 return Sent::Done;
             };
-            let Some(dst) = self.buf.get_mut(len..end) else {
+            let Some(dst) = self.tx_buf.get_mut(len..end) else {
                 c.tx_oversized += 1;
                 return Sent::Done;
             };
@@ -463,7 +476,7 @@ impl Net {
             debug!("net {}: tx chain of {len} bytes", self.iface_id);
             return Sent::Done;
         }
-        match check_tx_header(&self.buf[..len], self.acked, self.max_tx_frame) {
+        match check_tx_header(&self.tx_buf[..len], self.acked, self.max_tx_frame) {
             TxCheck::Ok => {}
             TxCheck::Oversized => {
                 c.tx_oversized += 1;
@@ -478,23 +491,23 @@ impl Net {
         }
         // The backend gets the checked fields only: checksum fields only
         // with NEEDS_CSUM, GSO fields only with a GSO type, num_buffers 0.
-        if self.buf[0] & HDR_F_NEEDS_CSUM == 0 {
-            self.buf[6..10].fill(0);
+        if self.tx_buf[0] & HDR_F_NEEDS_CSUM == 0 {
+            self.tx_buf[6..10].fill(0);
         }
-        if self.buf[1] == HDR_GSO_NONE {
-            self.buf[2..6].fill(0);
+        if self.tx_buf[1] == HDR_GSO_NONE {
+            self.tx_buf[2..6].fill(0);
         }
-        self.buf[HDR_NUM_BUFFERS..VNET_HDR_LEN].fill(0);
+        self.tx_buf[HDR_NUM_BUFFERS..VNET_HDR_LEN].fill(0);
         if !self.backend.offloads() {
             // Not segmented (no HOST_TSO offered), so a partial checksum
             // is all there is to finish.
-            if let Err(why) = complete_checksum(&mut self.buf[..len]) {
+            if let Err(why) = complete_checksum(&mut self.tx_buf[..len]) {
                 c.tx_bad_header += 1;
                 debug!("net {}: bad tx header: {why}", self.iface_id);
                 return Sent::Done;
             }
         }
-        match self.backend.write_frame(&self.buf[..len]) {
+        match self.backend.write_frame(&self.tx_buf[..len]) {
             Ok(()) => c.tx_frames += 1,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if self.backend.backpressure() {
@@ -509,125 +522,6 @@ impl Net {
             }
         }
         Sent::Done
-    }
-
-    /// Collects the receive chain's buffers into `rx_buffers`; false when
-    /// the chain cannot take a frame (a device-readable buffer, one outside
-    /// guest memory, or less room than the header).
-    fn rx_chain(&mut self, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> bool {
-        self.rx_buffers.clear();
-        let mut room = 0usize;
-        for desc in chain {
-            let len = usize::try_from(desc.len()).unwrap_or(usize::MAX);
-            if !desc.is_write_only() || !mem.check_range(desc.addr(), len) {
-                return false;
-            }
-            room = room.saturating_add(len);
-            self.rx_buffers.push((desc.addr(), len));
-        }
-        room >= VNET_HDR_LEN
-    }
-
-    /// Fills the guest's receive buffers with frames from the backend, one
-    /// frame per chain. Returns true when the budget ran out.
-    fn fill_rx(&mut self, active: &mut Active) -> bool {
-        if self.broken {
-            return false;
-        }
-        let Some(mut rx) = active.queue(RXQ) else {
-            return false;
-        };
-        let mem = rx.mem();
-        let mut budget = MAX_CHAINS_PER_DRAIN;
-        while budget > 0 {
-            let Some(chain) = rx.pop() else {
-                // Out of buffers: ask to be told when the guest adds some,
-                // and leave the backend alone until then.
-                if rx.enable_notification() {
-                    continue;
-                }
-                self.rx_starved = true;
-                break;
-            };
-            budget -= 1;
-            let head = chain.head_index();
-            if !self.rx_chain(chain, mem) {
-                self.counters.rx_bad_chain += 1;
-                debug!("net {}: unusable rx chain", self.iface_id);
-                rx.add_used(head, 0);
-                continue;
-            }
-            let n = match self.backend.read_frame(&mut self.buf) {
-                Ok(n) => n,
-                Err(e) => {
-                    rx.undo_pop();
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => {}
-                        io::ErrorKind::Interrupted => continue,
-                        _ => self.backend_failed(&e),
-                    }
-                    break;
-                }
-            };
-            // The chain stays available for the next frame when this one
-            // is dropped.
-            match self.deliver(n, mem) {
-                Some(written) => rx.add_used(head, written),
-                None => rx.undo_pop(),
-            }
-        }
-        budget == 0
-    }
-
-    /// Checks the `n`-byte frame in `buf` and copies it into `rx_buffers`.
-    /// Returns the bytes written, or None when the frame is dropped.
-    fn deliver(&mut self, n: usize, mem: &GuestMem) -> Option<u32> {
-        let c = &mut self.counters;
-        if n >= self.buf.len() {
-            c.rx_too_big += 1;
-            debug!("net {}: rx frame over {MAX_RX_FRAME} bytes", self.iface_id);
-            return None;
-        }
-        if n < VNET_HDR_LEN + ETH_HLEN {
-            c.rx_bad_frame += 1;
-            debug!("net {}: rx frame of {n} bytes", self.iface_id);
-            return None;
-        }
-        if let Err(why) = fix_rx_header(&mut self.buf[..n], self.acked) {
-            c.rx_bad_frame += 1;
-            debug!("net {}: rx frame dropped: {why}", self.iface_id);
-            return None;
-        }
-        // §5.1.6.4: num_buffers is 1 without VIRTIO_NET_F_MRG_RXBUF.
-        self.buf[HDR_NUM_BUFFERS..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
-        let room = self
-            .rx_buffers
-            .iter()
-            .fold(0usize, |a, &(_, len)| a.saturating_add(len));
-        if n > room {
-            c.rx_too_big += 1;
-            debug!(
-                "net {}: rx frame of {n} bytes, guest buffer of {room}",
-                self.iface_id
-            );
-            return None;
-        }
-        let mut done = 0usize;
-        for &(addr, len) in &self.rx_buffers {
-            let take = len.min(n - done);
-            if take == 0 {
-                break;
-            }
-            // Checked in rx_chain: inside guest memory.
-            if mem.write_slice(&self.buf[done..done + take], addr).is_err() {
-                c.rx_bad_chain += 1;
-                return Some(0);
-            }
-            done += take;
-        }
-        c.rx_frames += 1;
-        // n <= MAX_RX_FRAME, which fits a u32.
-        Some(u32::try_from(n).unwrap_or(0))
     }
 }
 
@@ -687,6 +581,10 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.rx_starved = false;
+        // The queues are gone, with the chains taken and the frame held.
+        self.rx_held = None;
+        self.rx_chains.clear();
+        self.rx_buffers.clear();
         self.tx_blocked = false;
         self.acked = 0;
         if let Err(e) = self.backend.set_offload(0) {
