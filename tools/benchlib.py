@@ -109,6 +109,26 @@ def thread_cpu(pid):
     return out
 
 
+def sched_cpu(pid):
+    """{thread name: CPU seconds} of pid's threads from se.sum_exec_runtime
+    in /proc/PID/task/TID/sched (ns; CONFIG_SCHED_DEBUG), else thread_cpu's
+    10 ms ticks; None if pid is gone."""
+    cpu = {}
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/sched" % (pid, tid)) as f:
+                name, text = f.readline().rsplit(" (", 1)[0], f.read()
+            m = re.search(r"se\.sum_exec_runtime\s*:\s*([\d.]+)", text)
+            cpu[name] = cpu.get(name, 0.0) + float(m.group(1)) / 1000
+        except (OSError, IndexError, AttributeError):
+            continue
+    return cpu or thread_cpu(pid)
+
+
 def cpu_between(res, ta, tb):
     """Per-thread CPU seconds used between host times ta and tb (samples nearest)."""
     samples = res["cpu_samples"]
