@@ -8,7 +8,7 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryMmap};
 
 use crate::arch::x86_64::boot::initrd_address;
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
@@ -74,6 +74,18 @@ pub enum Error {
         Quoted(.0)
     )]
     Not64Bit(PathBuf),
+    #[error(
+        "kernel image {} does not fit in guest memory: it needs {need_mib} MiB (up to guest \
+         physical address {end:#x}) before it even starts, and machine-config.mem_size_mib gives \
+         {mem_mib}; give the guest more (a Linux guest also needs memory to run in)",
+        Quoted(path)
+    )]
+    KernelTooBig {
+        path: PathBuf,
+        end: u64,
+        need_mib: u64,
+        mem_mib: u64,
+    },
     #[error("cannot open initrd {}", Quoted(path))]
     OpenInitrd {
         path: PathBuf,
@@ -147,33 +159,59 @@ fn le16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-/// Whether the ELF64 file has at least one PT_LOAD program header: one
-/// without any loads nothing, and the guest would start in empty memory.
+/// The guest-physical ranges (address, size in memory) of the ELF64 file's
+/// PT_LOAD program headers, as far as the file holds them. None of them:
+/// nothing would be loaded, and the guest would start in empty memory.
 /// (linux-loader checks the header itself, and refuses a file shorter than
 /// its program headers.)
-fn elf_has_load_segment(file: &mut File) -> std::io::Result<bool> {
+fn elf_load_ranges(file: &mut File) -> std::io::Result<Vec<(u64, u64)>> {
     let mut ehdr = [0u8; ELF64_EHDR_SIZE];
     if read_at(file, 0, &mut ehdr)? < ELF64_EHDR_SIZE {
-        return Ok(true); // too short: linux-loader says so
+        // Too short: linux-loader says so.
+        return Ok(vec![(0, 0)]);
     }
     let mut phoff = [0u8; 8];
     phoff.copy_from_slice(&ehdr[0x20..0x28]);
     let phoff = u64::from_le_bytes(phoff);
     let phentsize = u64::from(le16(&ehdr, 0x36));
     let phnum = le16(&ehdr, 0x38);
+    let mut ranges = Vec::new();
     for i in 0..u64::from(phnum) {
         let Some(at) = i.checked_mul(phentsize).and_then(|o| o.checked_add(phoff)) else {
-            return Ok(false);
+            break;
         };
-        let mut p_type = [0u8; 4];
-        if read_at(file, at, &mut p_type)? < 4 {
-            return Ok(false);
+        // p_type, then p_paddr at 0x18 and p_memsz at 0x28.
+        let mut ph = [0u8; 0x30];
+        if read_at(file, at, &mut ph)? < ph.len() {
+            break;
         }
-        if u32::from_le_bytes(p_type) == PT_LOAD {
-            return Ok(true);
+        if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_LOAD {
+            let word = |o: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&ph[o..o + 8]);
+                u64::from_le_bytes(b)
+            };
+            ranges.push((word(0x18), word(0x28)));
         }
     }
-    Ok(false)
+    Ok(ranges)
+}
+
+/// Checks that `[start, start + len)` is guest memory: a kernel that does
+/// not fit fails here, naming what it needs, rather than in the loader.
+fn check_fits(mem: &GuestMemoryMmap, path: &Path, start: u64, len: u64) -> Result<(), Error> {
+    let usize_len = usize::try_from(len).unwrap_or(usize::MAX);
+    if mem.check_range(GuestAddress(start), usize_len) {
+        return Ok(());
+    }
+    let end = start.saturating_add(len);
+    let mib = 1 << 20;
+    Err(Error::KernelTooBig {
+        path: path.to_owned(),
+        end,
+        need_mib: end.div_ceil(mib),
+        mem_mib: mem.last_addr().0.saturating_add(1) / mib,
+    })
 }
 
 /// The size a bzImage's header says the file has: the setup sectors plus
@@ -208,8 +246,21 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, E
     let read_err = |e: std::io::Error| open_err(e.into());
     let highmem = Some(GuestAddress(HIMEM_START));
     if is_elf(&mut file).map_err(read_err)? {
-        if !elf_has_load_segment(&mut file).map_err(read_err)? {
+        let ranges = elf_load_ranges(&mut file).map_err(read_err)?;
+        if ranges.is_empty() {
             return Err(Error::ElfNoLoad(path.to_owned()));
+        }
+        if let Some(&(start, len)) = ranges
+            .iter()
+            .find(|&&(start, len)| check_fits(mem, path, start, len).is_err())
+        {
+            // Name the whole need: up to the highest segment's end.
+            let end = ranges
+                .iter()
+                .map(|&(s, l)| s.saturating_add(l))
+                .max()
+                .unwrap_or(start);
+            check_fits(mem, path, start, end.saturating_sub(start).max(len))?;
         }
         let r = Elf::load(mem, None, &mut file, highmem).map_err(|source| Error::Elf {
             path: path.to_owned(),
@@ -244,6 +295,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, E
     if hdr.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(Error::Not64Bit(path.to_owned()));
     }
+    // boot.rst: the kernel decompresses itself to pref_address (at the
+    // least) and needs init_size bytes there before it can run.
+    check_fits(mem, path, hdr.pref_address, u64::from(hdr.init_size))?;
     Ok(LoadedKernel {
         entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
         mode: EntryMode::Linux64,
@@ -398,6 +452,25 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!("kernel image {p:?} is an ELF file with no loadable (PT_LOAD) segment")
+        );
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn elf_beyond_guest_memory_is_refused_naming_the_need() {
+        // One PT_LOAD of 16 MiB at guest-physical 60 MiB, in 64 MiB.
+        let mut f = elf_with_one_segment(PT_LOAD);
+        f[64 + 0x18..64 + 0x20].copy_from_slice(&(60u64 << 20).to_le_bytes()); // p_paddr
+        f[64 + 0x28..64 + 0x30].copy_from_slice(&(16u64 << 20).to_le_bytes()); // p_memsz
+        let p = temp_file("too-big", &f);
+        let err = load_kernel(&mem(), &p).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "kernel image {p:?} does not fit in guest memory: it needs 76 MiB (up to guest \
+                 physical address 0x4c00000) before it even starts, and machine-config.mem_size_mib \
+                 gives 64; give the guest more (a Linux guest also needs memory to run in)"
+            )
         );
         std::fs::remove_file(p).unwrap();
     }

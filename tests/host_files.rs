@@ -237,3 +237,28 @@ fn a_second_vm_on_a_writable_drive_is_refused_while_the_first_runs() {
     drop(hold_lock(&disk, true));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The project's kernel in less memory than it loads into (it is linked at
+/// 16 MiB and ends past 24 MiB): refused before the guest runs, saying how
+/// much it needs, for the ELF vmlinux and the bzImage alike (the bzImage
+/// used to triple-fault in its decompressor, the vmlinux to fail with
+/// linux-loader's "Unable to read kernel image").
+#[test]
+fn a_kernel_larger_than_guest_memory_is_refused_naming_its_need() {
+    require_kvm();
+    let dir = scratch("kernel-too-big");
+    for kernel in ["vmlinux", "bzImage"] {
+        let config = serde_json::json!({
+            "boot-source": { "kernel_image_path": guest_artifact(kernel) },
+            "machine-config": { "vcpu_count": 1, "mem_size_mib": 24 },
+        });
+        let (code, stderr) = kiln_on(&dir, &config);
+        assert_eq!(code, Some(1), "{kernel}: {stderr}");
+        assert!(
+            stderr.contains("does not fit in guest memory: it needs")
+                && stderr.contains("machine-config.mem_size_mib gives 24"),
+            "{kernel}: {stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
