@@ -10,7 +10,7 @@ mod common;
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ fn kiln_on(dir: &Path, config: &serde_json::Value) -> (Option<i32>, String) {
 
 /// A directory with a kernel file (never booted: these configs fail
 /// before), a 1 MiB disk and a named pipe.
-fn setup(name: &str) -> (PathBuf, serde_json::Value) {
+fn setup(name: &str) -> (Scratch, serde_json::Value) {
     let dir = scratch(name);
     std::fs::write(dir.join("kernel"), b"not booted").unwrap();
     std::fs::File::create(dir.join("disk"))

@@ -73,24 +73,18 @@ fn initramfs_boot_2_vcpus() {
     initramfs_boot_runs_a_command(2);
 }
 
-/// Removes the scratch directory holding `image`.
-fn remove_scratch(image: &Path) {
-    if let Some(dir) = image.parent() {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
-/// A private copy of the ext4 image: tests write into it.
-fn rootfs_copy(name: &str) -> std::path::PathBuf {
+/// A private copy of the ext4 image (tests write into it), in a scratch
+/// directory that goes with the guard.
+fn rootfs_copy(name: &str) -> (Scratch, std::path::PathBuf) {
     let dir = scratch(name);
     let image = dir.join("rootfs.ext4");
     std::fs::copy(guest_artifact("rootfs.ext4"), &image).unwrap();
-    image
+    (dir, image)
 }
 
 #[test]
 fn ext4_root_disk_read_write_and_hwrng() {
-    let image = rootfs_copy("rootfs-rw");
+    let (_dir, image) = rootfs_copy("rootfs-rw");
     let out = boot(
         &rootfs_config(
             1,
@@ -121,12 +115,11 @@ fn ext4_root_disk_read_write_and_hwrng() {
         text(&cat.stderr)
     );
     // Kept for inspection when the test fails; 64 MiB each otherwise.
-    remove_scratch(&image);
 }
 
 #[test]
 fn ext4_root_disk_read_only_refuses_writes() {
-    let image = rootfs_copy("rootfs-ro");
+    let (_dir, image) = rootfs_copy("rootfs-ro");
     let before = std::fs::read(&image).unwrap();
     let out = boot(
         &rootfs_config(
@@ -150,7 +143,6 @@ fn ext4_root_disk_read_only_refuses_writes() {
         std::fs::read(&image).unwrap() == before,
         "the read-only image changed"
     );
-    remove_scratch(&image);
 }
 
 /// A guest whose kernel panics (here: no init to run) makes kiln exit with

@@ -154,7 +154,7 @@ fn passt_fetches_from_the_host_as_a_normal_user() {
     std::fs::copy(kiln, bin.join("kiln")).unwrap();
     std::fs::copy(kiln.with_file_name("kiln-agent"), bin.join("kiln-agent")).unwrap();
     std::fs::copy(guest_artifact("vmlinux"), dir.join("vmlinux")).unwrap();
-    for p in [&dir, &bin] {
+    for p in [&*dir, &*bin] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     std::fs::set_permissions(dir.join("vmlinux"), std::fs::Permissions::from_mode(0o644)).unwrap();

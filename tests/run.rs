@@ -411,7 +411,7 @@ fn runs_as_a_normal_user() {
     std::fs::copy(guest_artifact("vmlinux"), dir.join("vmlinux")).unwrap();
     let share = dir.join("share");
     std::fs::create_dir_all(&share).unwrap();
-    for p in [&dir, &bin, &share] {
+    for p in [&*dir, &*bin, &*share] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     std::fs::set_permissions(dir.join("vmlinux"), std::fs::Permissions::from_mode(0o644)).unwrap();

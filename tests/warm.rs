@@ -18,7 +18,7 @@ use common::{guest_artifact, require_kvm, scratch, text};
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Sandbox {
-    dir: PathBuf,
+    dir: common::Scratch,
 }
 
 impl Sandbox {

@@ -29,12 +29,44 @@ pub fn require_kvm() {
     }
 }
 
-/// A scratch directory unique to one test.
-pub fn scratch(name: &str) -> PathBuf {
+/// A scratch directory unique to one test, removed when the test is over
+/// (the guard is dropped) unless it failed: a failed test's files stay for
+/// a look, named in the panic's output by the test itself when it matters.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A scratch directory unique to one test (see [`Scratch`]).
+pub fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 /// Packs `code` (assembled for `LOAD_ADDR`) as an ELF64 executable with one
