@@ -11,8 +11,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,7 +18,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use common::{guest_artifact, require_kvm, scratch, text};
+use common::{guest_artifact, kiln_run_as_a_normal_user, require_kvm, scratch, text};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -127,17 +125,6 @@ fn is_passt(pid: u32) -> bool {
     })
 }
 
-/// The test's own uid (tests keep to std: read from /proc).
-fn own_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|u| u.parse().ok())
-        .unwrap()
-}
-
 /// The case: a user who is not root (nobody, with /dev/kvm's
 /// group, when the test runs as root) fetches a file from a server on the
 /// host's loopback, through a passt kiln starts as that user and stops:
@@ -148,42 +135,9 @@ fn passt_fetches_from_the_host_as_a_normal_user() {
     let body = content(300 * 1024 + 7);
     let (port, served) = http_server(body.clone());
     let dir = scratch("passt-rootless");
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
-    std::fs::copy(kiln, bin.join("kiln")).unwrap();
-    std::fs::copy(kiln.with_file_name("kiln-agent"), bin.join("kiln-agent")).unwrap();
-    std::fs::copy(guest_artifact("vmlinux"), dir.join("vmlinux")).unwrap();
-    for p in [&*dir, &*bin] {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
-    }
-    std::fs::set_permissions(dir.join("vmlinux"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let root = own_uid() == 0;
-    let mut c = if root {
-        let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata("/dev/kvm").unwrap());
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            &format!("--groups={gid}"),
-            "--",
-        ])
-        .arg(bin.join("kiln"));
-        c
-    } else {
-        Command::new(bin.join("kiln"))
-    };
-    c.arg("run")
-        .arg("--kernel")
-        .arg(dir.join("vmlinux"))
-        .args(["--cpus", "1", "--memory", "256", "--net", "passt"])
-        .args(["--log-level", "info", "--"])
-        .args(["sh", "-c", &fetch_script(port)])
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", &dir)
-        .env("XDG_CACHE_HOME", dir.join("cache"))
-        .env("XDG_RUNTIME_DIR", &dir);
+    let (mut c, _uid) = kiln_run_as_a_normal_user(&dir);
+    c.args(["--net", "passt", "--log-level", "info", "--"])
+        .args(["sh", "-c", &fetch_script(port)]);
     let out = run(c);
     assert_fetched(&out, &body);
     assert_eq!(served.load(Ordering::SeqCst), 1);

@@ -14,7 +14,10 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest_artifact, read_all, require_kvm, scratch, text, wait_timeout};
+use common::{
+    guest_artifact, kiln_run_as_a_normal_user, own_uid, read_all, require_kvm, scratch, text,
+    wait_timeout,
+};
 
 /// A generous bound for one run: a boot here is up to 30 s, more with the
 /// other core busy.
@@ -57,22 +60,11 @@ fn describe(out: &Output) -> String {
 
 /// The run directory base is empty: nothing left behind.
 fn assert_no_leftovers(runtime: &Path) {
-    let base = runtime.join(format!("kiln-{}", unsafe_uid()));
+    let base = runtime.join(format!("kiln-{}", own_uid()));
     let left: Vec<_> = std::fs::read_dir(&base)
         .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
-}
-
-fn unsafe_uid() -> u32 {
-    // Read from /proc rather than libc: tests keep to std.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|u| u.parse().ok())
-        .unwrap()
 }
 
 /// Binary stdin in (every byte value, EOF included) comes back on stdout,
@@ -371,7 +363,7 @@ fn sigkill_leaves_nothing_behind() {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "kiln's process is still there"
     );
-    let base = dir.join(format!("kiln-{}", unsafe_uid()));
+    let base = dir.join(format!("kiln-{}", own_uid()));
     let left = std::fs::read_dir(&base).unwrap().count();
     assert_eq!(
         left, 1,
@@ -392,54 +384,18 @@ fn sigkill_leaves_nothing_behind() {
 #[test]
 fn runs_as_a_normal_user() {
     require_kvm();
-    let meta = std::fs::metadata("/dev/kvm").unwrap();
-    let mode = meta.permissions().mode();
-    let root = unsafe_uid() == 0;
-    assert!(
-        !root || mode & 0o060 == 0o060,
-        "/dev/kvm is mode {mode:o}: a normal user cannot open it; give it a group \
-         (.ci/run does: groupadd -r kvm; chgrp kvm /dev/kvm; chmod 660 /dev/kvm)"
-    );
-    let gid = std::os::unix::fs::MetadataExt::gid(&meta);
     let dir = scratch("run-rootless");
-    // Everything the user needs, readable by it: kernel, kiln, agent.
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
-    std::fs::copy(kiln, bin.join("kiln")).unwrap();
-    std::fs::copy(kiln.with_file_name("kiln-agent"), bin.join("kiln-agent")).unwrap();
-    std::fs::copy(guest_artifact("vmlinux"), dir.join("vmlinux")).unwrap();
+    let (mut c, uid) = kiln_run_as_a_normal_user(&dir);
     let share = dir.join("share");
     std::fs::create_dir_all(&share).unwrap();
-    for p in [&*dir, &*bin, &*share] {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
-    }
-    std::fs::set_permissions(dir.join("vmlinux"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&share, std::fs::Permissions::from_mode(0o777)).unwrap();
     // An OCI archive, unpacked by the user: its root-owned files must stay
     // root's in the guest (kiln sets owners inside the ext4 image).
     let archive = dir.join("image.oci.tar");
     oci_archive(&archive);
     std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o644)).unwrap();
-    // As root, become nobody with /dev/kvm's group; as a normal user, stay.
-    let (uid, mut c) = if root {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            &format!("--groups={gid}"),
-            "--",
-        ])
-        .arg(bin.join("kiln"));
-        (65534, c)
-    } else {
-        (unsafe_uid(), Command::new(bin.join("kiln")))
-    };
     let out = output({
-        c.arg("run")
-            .arg("--kernel")
-            .arg(dir.join("vmlinux"))
-            .args(["--cpus", "1", "--memory", "256"])
-            .arg("--mount")
+        c.arg("--mount")
             .arg(format!("{}:/out", share.display()))
             .arg("--image")
             .arg(&archive)
@@ -449,11 +405,6 @@ fn runs_as_a_normal_user() {
                 "-c",
                 "echo from-guest > /out/file; id -u; stat -c %u:%g /bin/busybox /etc/kept",
             ])
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("HOME", &dir)
-            .env("XDG_CACHE_HOME", dir.join("cache"))
-            .env("XDG_RUNTIME_DIR", &dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -84,6 +84,31 @@ static void write_all(int fd, const unsigned char *p, size_t n) {
     }
 }
 
+/* Reads fd to EOF into b (cap bytes at a time): the FNV-1a of it, its size
+ * in *total. */
+static uint64_t sink(int fd, unsigned char *b, size_t cap, uint64_t *total) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    ssize_t r;
+    *total = 0;
+    while ((r = read(fd, b, cap)) > 0) {
+        h = fnv1a(h, b, (size_t)r);
+        *total += (uint64_t)r;
+    }
+    if (r < 0)
+        die("read");
+    return h;
+}
+
+/* Writes size pattern bytes of seed to fd from b (cap bytes at a time). */
+static void source(int fd, uint64_t size, unsigned seed, unsigned char *b, size_t cap) {
+    for (uint64_t off = 0; off < size;) {
+        size_t k = size - off < cap ? (size_t)(size - off) : cap;
+        pattern(b, k, off, seed);
+        write_all(fd, b, k);
+        off += k;
+    }
+}
+
 /* Reads one line (without the newline) a byte at a time. */
 static int read_line(int fd, char *line, size_t max) {
     size_t n = 0;
@@ -109,14 +134,7 @@ static void serve_one(int c) {
         while ((r = read(c, buf, BUF)) > 0)
             write_all(c, buf, (size_t)r);
     } else if (strcmp(line, "SINK") == 0) {
-        uint64_t h = 0xcbf29ce484222325ULL, total = 0;
-        ssize_t r;
-        while ((r = read(c, buf, BUF)) > 0) {
-            h = fnv1a(h, buf, (size_t)r);
-            total += (uint64_t)r;
-        }
-        if (r < 0)
-            die("read");
+        uint64_t total, h = sink(c, buf, BUF, &total);
         int n = snprintf(line, sizeof line, "%llu %016llx\n",
                          (unsigned long long)total, (unsigned long long)h);
         write_all(c, (unsigned char *)line, (size_t)n);
@@ -125,12 +143,7 @@ static void serve_one(int c) {
         unsigned seed;
         if (sscanf(line, "SOURCE %llu %u", &n, &seed) != 2)
             return;
-        for (uint64_t off = 0; off < n;) {
-            size_t k = n - off < BUF ? (size_t)(n - off) : BUF;
-            pattern(buf, k, off, seed);
-            write_all(c, buf, k);
-            off += k;
-        }
+        source(c, n, seed, buf, BUF);
     }
 }
 
@@ -191,12 +204,7 @@ static int echo(int s, uint64_t size) {
 }
 
 static int send_data(int s, uint64_t size, unsigned seed) {
-    for (uint64_t off = 0; off < size;) {
-        size_t k = size - off < BUF ? (size_t)(size - off) : BUF;
-        pattern(buf, k, off, seed);
-        write_all(s, buf, k);
-        off += k;
-    }
+    source(s, size, seed, buf, BUF);
     if (shutdown(s, SHUT_WR) < 0)
         die("shutdown");
     char line[64];
@@ -246,13 +254,7 @@ static int tcp(int argc, char **argv) {
     if (argc == 7 && strcmp(argv[2], "send") == 0) {
         int s = tcp_connect(argv[3], argv[4]);
         uint64_t size = strtoull(argv[5], NULL, 10);
-        unsigned seed = (unsigned)strtoul(argv[6], NULL, 10);
-        for (uint64_t off = 0; off < size;) {
-            size_t k = size - off < TCP_BUF ? (size_t)(size - off) : TCP_BUF;
-            pattern(tcp_buf, k, off, seed);
-            write_all(s, tcp_buf, k);
-            off += k;
-        }
+        source(s, size, (unsigned)strtoul(argv[6], NULL, 10), tcp_buf, TCP_BUF);
         if (shutdown(s, SHUT_WR) < 0)
             die("shutdown");
         printf("SENT %llu %lld\n", (unsigned long long)size, now_ms() - start);
@@ -263,14 +265,7 @@ static int tcp(int argc, char **argv) {
     }
     if (argc == 5 && strcmp(argv[2], "recv") == 0) {
         int s = tcp_connect(argv[3], argv[4]);
-        uint64_t h = 0xcbf29ce484222325ULL, total = 0;
-        ssize_t r;
-        while ((r = read(s, tcp_buf, TCP_BUF)) > 0) {
-            h = fnv1a(h, tcp_buf, (size_t)r);
-            total += (uint64_t)r;
-        }
-        if (r < 0)
-            die("read");
+        uint64_t total, h = sink(s, tcp_buf, TCP_BUF, &total);
         printf("RECEIVED %llu %016llx %lld\n", (unsigned long long)total, (unsigned long long)h,
                now_ms() - start);
         return 0;

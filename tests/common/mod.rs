@@ -329,3 +329,66 @@ pub fn initramfs_config(vcpus: u8, cmd: &str, extra: &str) -> String {
         kiln_cmd(cmd)
     )
 }
+
+/// This process's uid (tests keep to std: read from /proc).
+pub fn own_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap()
+}
+
+/// `kiln run` as a user who is not root but may open /dev/kvm: as root,
+/// nobody with /dev/kvm's group (through setpriv); else this user. kiln,
+/// its agent and the kernel are copied into `dir` (bin/, vmlinux) where
+/// that user can read them; its cache and run directories are in `dir`.
+/// Returns the command (`kiln run --kernel ... --cpus 1 --memory 256`, its
+/// environment cleared) and the uid it runs as.
+pub fn kiln_run_as_a_normal_user(dir: &Path) -> (Command, u32) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_kvm();
+    let meta = std::fs::metadata("/dev/kvm").unwrap();
+    let mode = meta.permissions().mode();
+    let root = own_uid() == 0;
+    assert!(
+        !root || mode & 0o060 == 0o060,
+        "/dev/kvm is mode {mode:o}: a normal user cannot open it; give it a group \
+         (.ci/run does: groupadd -r kvm; chgrp kvm /dev/kvm; chmod 660 /dev/kvm)"
+    );
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
+    std::fs::copy(kiln, bin.join("kiln")).unwrap();
+    std::fs::copy(kiln.with_file_name("kiln-agent"), bin.join("kiln-agent")).unwrap();
+    std::fs::copy(guest_artifact("vmlinux"), dir.join("vmlinux")).unwrap();
+    for p in [dir, &*bin] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    std::fs::set_permissions(dir.join("vmlinux"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (uid, mut c) = if root {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            &format!("--groups={}", meta.gid()),
+            "--",
+        ])
+        .arg(bin.join("kiln"));
+        (65534, c)
+    } else {
+        (own_uid(), Command::new(bin.join("kiln")))
+    };
+    c.arg("run")
+        .arg("--kernel")
+        .arg(dir.join("vmlinux"))
+        .args(["--cpus", "1", "--memory", "256"])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", dir)
+        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env("XDG_RUNTIME_DIR", dir);
+    (c, uid)
+}

@@ -799,6 +799,14 @@ fn post_only(g: &mut Guest, i: u64, len: u32) {
     g.rx.push(&g.mem, &[(RX_BUF + i * 0x1_0000, len, true)]);
 }
 
+/// The host sends `frame` behind an empty header; the device reads it.
+fn host_sends(g: &mut Guest, frame: &[u8]) {
+    let mut raw = vec![0u8; 12];
+    raw.extend_from_slice(frame);
+    g.host.send(&raw).unwrap();
+    g.tap_readable();
+}
+
 /// The bytes the guest received in used chains `used`, in order.
 fn gather(g: &Guest, used: &[(u32, u32)]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -824,10 +832,7 @@ fn a_frame_fills_several_mergeable_buffers() {
     }
     g.process(RXQ);
     let f = frame(3000);
-    let mut raw = vec![0u8; 12];
-    raw.extend_from_slice(&f);
-    g.host.send(&raw).unwrap();
-    g.tap_readable();
+    host_sends(&mut g, &f);
     let used = g.rx.take_used(&g.mem);
     let lens: Vec<u32> = used.iter().map(|&(_, l)| l).collect();
     assert_eq!(lens, [1500, 1500, 12]);
@@ -835,10 +840,7 @@ fn a_frame_fills_several_mergeable_buffers() {
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
     assert_eq!(&got[12..], &f[..]);
     // A small frame takes one buffer: num_buffers 1.
-    let mut raw = vec![0u8; 12];
-    raw.extend_from_slice(&frame(100));
-    g.host.send(&raw).unwrap();
-    g.tap_readable();
+    host_sends(&mut g, &frame(100));
     let used = g.rx.take_used(&g.mem);
     assert_eq!(used.len(), 1);
     assert_eq!(
@@ -854,10 +856,7 @@ fn a_frame_waits_for_enough_mergeable_buffers() {
     post_only(&mut g, 0, 1000);
     g.process(RXQ);
     let f = frame(2500);
-    let mut raw = vec![0u8; 12];
-    raw.extend_from_slice(&f);
-    g.host.send(&raw).unwrap();
-    g.tap_readable();
+    host_sends(&mut g, &f);
     // One chain is not enough: nothing is used, the device waits for the
     // guest (and stops reading the tap meanwhile).
     assert!(g.rx.take_used(&g.mem).is_empty());
@@ -885,10 +884,7 @@ fn a_queue_of_buffers_too_small_for_a_frame_comes_back_empty() {
         g.rx.push(&g.mem, &[(RX_BUF + i * 0x100, 40, true)]);
     }
     g.process(RXQ);
-    let mut raw = vec![0u8; 12];
-    raw.extend_from_slice(&frame(1000));
-    g.host.send(&raw).unwrap();
-    g.tap_readable();
+    host_sends(&mut g, &frame(1000));
     let used = g.rx.take_used(&g.mem);
     assert_eq!(used.len(), usize::from(QSIZE));
     assert!(used.iter().all(|&(_, len)| len == 0));
