@@ -445,7 +445,9 @@ impl Net {
             };
         let c = &mut self.counters;
         let mut len = 0usize;
+        let mut cut_short = false;
         for desc in chain {
+            cut_short = desc.has_next();
             if desc.is_write_only() {
                 c.tx_bad_chain += 1;
                 debug!(
@@ -470,6 +472,13 @@ impl Net {
                 return Sent::Done;
             }
             len = end;
+        }
+        // virtio-queue ends a chain that loops, or names a descriptor past
+        // the queue, early: on a descriptor that still has NEXT.
+        if cut_short {
+            c.tx_bad_chain += 1;
+            debug!("net {}: tx chain cut short (a loop?)", self.iface_id);
+            return Sent::Done;
         }
         if len < VNET_HDR_LEN + ETH_HLEN {
             c.tx_short += 1;

@@ -192,11 +192,16 @@ impl Net {
 
     /// Adds the chain's buffers to `rx_buffers`; its room, or None when it
     /// cannot take a frame's part (a device-readable buffer, one outside
-    /// guest memory, less room than the header).
+    /// guest memory, less room than the header, or a chain virtio-queue cut
+    /// short: a loop would count one buffer many times).
     fn take_chain(&mut self, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> Option<usize> {
         let start = self.rx_buffers.len();
         let mut room = 0usize;
+        let mut cut_short = false;
         for desc in chain {
+            // virtio-queue ends a chain that loops, or names a descriptor
+            // past the queue, early: on a descriptor that still has NEXT.
+            cut_short = desc.has_next();
             let len = usize::try_from(desc.len()).unwrap_or(usize::MAX);
             if !desc.is_write_only() || !mem.check_range(desc.addr(), len) {
                 self.rx_buffers.truncate(start);
@@ -205,7 +210,7 @@ impl Net {
             room = room.saturating_add(len);
             self.rx_buffers.push((desc.addr(), len));
         }
-        if room < VNET_HDR_LEN {
+        if cut_short || room < VNET_HDR_LEN {
             self.rx_buffers.truncate(start);
             return None;
         }
