@@ -201,3 +201,20 @@ fn no_network_means_only_a_loopback() {
     );
     assert!(stdout.contains("LO-OK"), "{}", describe(&out));
 }
+
+/// Without passt in PATH, `--net passt` fails at once (125), saying what
+/// to install, before any VM is built or template touched.
+#[test]
+fn a_missing_passt_is_named_before_anything_starts() {
+    let out = run({
+        let mut c = kiln_run(&["--net", "passt", "--", "true"]);
+        c.env("PATH", "/nonexistent");
+        c
+    });
+    assert_eq!(out.status.code(), Some(125), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("there is no passt in PATH (install Debian's package passt)"),
+        "{}",
+        describe(&out)
+    );
+}

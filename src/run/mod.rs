@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cli::RunArgs;
+use crate::cli::{NetMode, RunArgs};
+use crate::devices::virtio::net::passt;
 use crate::image::ImageConfig;
 use crate::protocol::{self, ExecSpec, ExitStatus, Msg, AGENT_PORT, VERSION};
 use crate::terminal::RawMode;
@@ -73,6 +74,8 @@ pub enum Error {
     Prepare(String),
     #[error("no command: give one after `--` (the image has no Entrypoint or Cmd)")]
     NoCommand,
+    #[error("--net passt: there is no passt in PATH (install Debian's package passt)")]
+    NoPasst,
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::Error),
 }
@@ -319,6 +322,11 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
             return Err(Error::MountNotDir(m.host.clone()));
         }
     }
+    // Before anything is built: a restore that fails on it would take the
+    // template for a broken one.
+    if args.net == NetMode::Passt && !in_path(passt::PROGRAM) {
+        return Err(Error::NoPasst);
+    }
     let image = prepare_image(args.image.as_deref(), dir.path(), args.quiet)?;
     timeline.image = timeline.since_start();
     let argv: Vec<String> = if args.command.is_empty() {
@@ -460,6 +468,17 @@ fn run(args: &RunArgs, console: ConsoleTail) -> Result<Ending, Error> {
     timeline.ended = timeline.since_start();
     timeline.log();
     result
+}
+
+/// Whether `program` is an executable file in one of PATH's directories.
+fn in_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
 }
 
 /// The template this run's VM can start from, unless its image has no
