@@ -1,5 +1,6 @@
 //! virtio-net (virtio 1.2 §5.1): an Ethernet interface whose frames go to
-//! and come from a host [`tap::Backend`] (a tap device).
+//! and come from a host [`backend::Backend`]: a tap device ([`tap`]), or a
+//! passt kiln starts ([`passt`]) spoken to over a UNIX stream ([`stream`]).
 //!
 //! Two queues, receiveq and transmitq, both served on the event loop, and
 //! the backend's fd as the device's event source:
@@ -8,28 +9,33 @@
 //!   MTU + Ethernet + VLAN headers), checked and written to the backend
 //!   behind a header of kiln's own. A chain longer than that, one too short
 //!   for the header and an Ethernet header, a header asking for offloads
-//!   that were not negotiated, a device-writable buffer in the chain, or a
-//!   backend that is full: the frame is dropped and counted, the chain
-//!   returned. Nothing is queued on the host side.
-//! - **receive**: frames are read from the backend only when the guest has
-//!   posted a buffer for them, one at a time, straight into it; with no
-//!   buffer the backend is not watched (its own queue holds, then drops,
-//!   what arrives) until the guest posts some. A frame larger than the
-//!   buffer is dropped and counted.
+//!   that were not negotiated, a device-writable buffer in the chain: the
+//!   frame is dropped and counted, the chain returned. A full tap drops the
+//!   frame too; a stream backend that pushes back keeps the chain in the
+//!   guest's ring until its socket is writable. Nothing else is queued on
+//!   the host side.
+//! - **receive** ([`rx`]): frames are read from the backend only when the
+//!   guest has posted a buffer, and go straight into the guest's buffers:
+//!   one chain per frame, or as many as it needs with mergeable buffers.
+//!   With no buffer the backend is not watched (its own queue holds, then
+//!   drops, what arrives) until the guest posts some.
 //!
 //! Offloads (§5.1.6.2, §5.1.6.4): when the tap takes them, the device
 //! offers checksum offload and TCP segmentation (v4, v6) both ways (no
-//! ECN, UFO, mergeable buffers); the tap is told to hand over what the
-//! guest accepted (`TUNSETOFFLOAD`), and nothing before the guest has
-//! accepted it or after a reset. Headers are checked against the accepted
-//! features both ways: a segmented frame may be 64 KiB, an unsegmented
-//! one no longer than the MTU allows.
+//! ECN, UFO); the tap is told to hand over what the guest accepted
+//! (`TUNSETOFFLOAD`), and nothing before the guest has accepted it or after
+//! a reset. A backend without them gets checksum offload both ways all the
+//! same: kiln completes the guest's partial checksums, and passes on the
+//! `DATA_VALID` of frames the backend made itself. Headers are checked
+//! against the accepted features both ways: a segmented frame may be 64
+//! KiB, an unsegmented one no longer than the MTU allows.
 //!
 //! The drop counters are logged when the device goes away (at exit).
 //!
 //! Snapshots keep the device: its MAC and MTU (a restore must give the
 //! same), the queues (the transport's part). Frames in flight are not kept,
-//! as a network may lose them; the tap is opened again from the config.
+//! as a network may lose them; the backend is opened (or started) again
+//! from the config.
 
 pub mod backend;
 mod header;
@@ -139,28 +145,24 @@ pub struct NetOptions {
 /// The device for one `network-interfaces` entry, on its tap or on a passt
 /// started for it.
 pub fn from_config(iface: &NetworkInterfaceConfig) -> Result<Net, Error> {
-    let host_name = match (&iface.host_dev_name, &iface.passt) {
-        (Some(name), _) => name.as_str(),
-        (None, _) => passt::PROGRAM,
-    };
+    let (backend, mtu, host_name): (Box<dyn Backend>, Option<u16>, &str) =
+        match (&iface.host_dev_name, &iface.passt) {
+            (Some(name), _) => (Box::new(tap::Tap::open(name)?), iface.mtu, name),
+            (None, Some(config)) => {
+                let opts = passt::Options {
+                    config: config.clone(),
+                    mtu: iface.mtu.unwrap_or(PASST_MAX_MTU),
+                };
+                let (sock, process) = passt::start(&opts)?;
+                let stream = stream::Stream::new(sock, Some(Box::new(process)))
+                    .map_err(|e| Error::Passt(passt::Error::Socket(e)))?;
+                (Box::new(stream), Some(opts.mtu), passt::PROGRAM)
+            }
+            (None, None) => return Err(Error::NoBackend),
+        };
     let mac = match &iface.guest_mac {
         Some(text) => parse_mac(text).ok_or_else(|| Error::Mac(text.clone()))?,
         None => derived_mac(host_name, &iface.iface_id),
-    };
-    let (backend, mtu): (Box<dyn Backend>, Option<u16>) = match (&iface.host_dev_name, &iface.passt)
-    {
-        (Some(name), _) => (Box::new(tap::Tap::open(name)?), iface.mtu),
-        (None, Some(config)) => {
-            let opts = passt::Options {
-                config: config.clone(),
-                mtu: iface.mtu.unwrap_or(PASST_MAX_MTU),
-            };
-            let (sock, process) = passt::start(&opts)?;
-            let stream = stream::Stream::new(sock, Some(Box::new(process)))
-                .map_err(|e| Error::Passt(passt::Error::Socket(e)))?;
-            (Box::new(stream), Some(opts.mtu))
-        }
-        (None, None) => return Err(Error::NoBackend),
     };
     let opts = NetOptions {
         iface_id: iface.iface_id.clone(),
@@ -300,8 +302,8 @@ impl Net {
         avail_features |= if backend.offloads() {
             OFFLOADS
         } else {
-            // kiln completes the guest's partial checksums itself (cheap
-            // here, interpreted guest code where kernel code is emulated);
+            // kiln completes the guest's partial checksums itself (host
+            // code, where the guest's own is interpreted on some hosts);
             // frames a backend marks DATA_VALID spare the guest its check.
             VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
         };
