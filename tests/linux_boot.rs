@@ -146,18 +146,22 @@ fn ext4_root_disk_read_only_refuses_writes() {
 }
 
 /// A guest whose kernel panics (here: no init to run) makes kiln exit with
-/// 3 and say so; a clean reboot stays 0 (the other tests).
-#[test]
-fn a_guest_kernel_panic_exits_3() {
+/// 3 and say so; a clean reboot stays 0 (the other tests). `pvpanic=`
+/// picks the signal: the project's kernel reports through pvpanic (ACPI);
+/// booted with `acpi=off` (as a kernel without ACPI: the MP table
+/// describes the machine) it resets after `panic=1` with the reset flagged
+/// warm.
+fn kernel_panic_exits_3(name: &str, extra_args: &str, signal: &str) {
     require_kvm();
-    let dir = scratch("panic");
+    let dir = scratch(name);
     let config = dir.join("vm.json");
     let json = initramfs_config(1, "true", "").replace(
         BOOT_ARGS,
-        &format!("{BOOT_ARGS} rdinit=/nonexistent init=/nonexistent"),
+        &format!("{BOOT_ARGS} rdinit=/nonexistent init=/nonexistent {extra_args}"),
     );
     std::fs::write(&config, json).unwrap();
-    let out = run_kiln(&config, BOOT_TIMEOUT);
+    let mut child = start_kiln(&config, &["--log-level", "info"]);
+    let out = finish(&mut child, BOOT_TIMEOUT);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(
         out.status.code(),
@@ -166,5 +170,48 @@ fn a_guest_kernel_panic_exits_3() {
     );
     assert!(stdout.contains("Kernel panic"), "{stdout}");
     assert!(stderr.contains("the guest kernel panicked"), "{stderr}");
+    assert!(stderr.contains(signal), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_guest_kernel_panic_exits_3_through_pvpanic() {
+    kernel_panic_exits_3("panic", "", "reported a panic (pvpanic)");
+}
+
+#[test]
+fn a_guest_kernel_panic_without_acpi_exits_3_through_the_warm_reset() {
+    kernel_panic_exits_3("panic-reset", "acpi=off", "guest reset the machine");
+}
+
+/// `poweroff -f` in the guest ends kiln with 0, through ACPI: the kernel
+/// writes S5 to the PM1a control register kiln describes in its FADT
+/// (without ACPI it would halt every CPU and kiln would wait forever).
+#[test]
+fn a_guest_poweroff_exits_0() {
+    require_kvm();
+    let dir = scratch("poweroff");
+    let config = dir.join("vm.json");
+    let json = initramfs_config(
+        1,
+        "echo before-poweroff; poweroff -f; echo after-poweroff",
+        "",
+    );
+    std::fs::write(&config, json).unwrap();
+    let mut child = start_kiln(&config, &["--log-level", "info"]);
+    let out = finish(&mut child, BOOT_TIMEOUT);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("before-poweroff"), "{stdout}");
+    assert!(!stdout.contains("after-poweroff"), "{stdout}");
+    assert!(!stdout.contains("KILN-EXIT"), "{stdout}");
+    assert!(
+        stderr.contains("the guest powered off through ACPI"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

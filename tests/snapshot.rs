@@ -506,6 +506,41 @@ fn an_idle_linux_guest_wakes_after_restore() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A restored guest powers off through ACPI like a booted one: the PM1
+/// registers come back with the snapshot, and kiln exits 0.
+#[test]
+fn a_restored_guest_powers_off_with_exit_0() {
+    require_kvm();
+    let dir = scratch("snapshot-poweroff");
+    let config = dir.join("vm.json");
+    let cmd = "i=0; while [ $i -lt 10 ]; do i=$((i+1)); echo TICK $i; sleep 1; done; poweroff -f";
+    std::fs::write(&config, initramfs_config(1, cmd, "")).unwrap();
+    let snap = dir.join("snap");
+    let snap_arg = snap.to_str().unwrap();
+    let mut original = start_kiln(&config, &["--snapshot-dir", snap_arg]);
+    let mut console = Console::of(&mut original);
+    while !console.line(BOOT_TIMEOUT).starts_with("TICK 2") {}
+    take_snapshot(&original, &snap);
+    stop(original);
+    let mut restored = start_kiln(
+        &config,
+        &["--restore-from", snap_arg, "--log-level", "info"],
+    );
+    let out = finish(&mut restored, Duration::from_secs(180));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("TICK 10"), "{stdout}");
+    assert!(
+        stderr.contains("the guest powered off through ACPI"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Where the memory guest keeps its 64 MiB, and what it writes there: every
 /// qword the pattern, except the first of each 4 KiB page, its page number.
 const BLOCK: u64 = 0x200_0000;

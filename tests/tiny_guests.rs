@@ -482,3 +482,64 @@ fn console_input_reaches_the_guest_and_its_echo_comes_back() {
         "stderr: {stderr}"
     );
 }
+
+/// Spins until kiln stops the vCPU: whatever ended the VM came before.
+fn spin(a: &mut CodeAssembler) {
+    let mut top = a.create_label();
+    a.set_label(&mut top).unwrap();
+    a.pause().unwrap();
+    a.jmp(top).unwrap();
+}
+
+/// The ACPI power-off an OS does, with the port found where an OS finds
+/// it: the RSDP at 0xe0000 (checked by signature), its XSDT, the XSDT's
+/// first entry (the FADT), the FADT's PM1a_CNT_BLK; there, SLP_TYP 5 (what
+/// the DSDT's `\_S5_` says) with SLP_EN. kiln exits 0.
+#[test]
+fn acpi_s5_power_off_exits_zero() {
+    require_kvm();
+    let dir = scratch("acpi-s5");
+    let code = assemble(|a| {
+        let mut bad = a.create_label();
+        a.mov(esi, 0xe_0000u32).unwrap();
+        a.mov(rax, u64::from_le_bytes(*b"RSD PTR ")).unwrap();
+        a.cmp(qword_ptr(rsi), rax).unwrap();
+        a.jne(bad).unwrap();
+        a.mov(rsi, qword_ptr(rsi + 24)).unwrap(); // XsdtAddress
+        a.mov(rsi, qword_ptr(rsi + 36)).unwrap(); // first entry
+        a.cmp(dword_ptr(rsi), u32::from_le_bytes(*b"FACP")).unwrap();
+        a.jne(bad).unwrap();
+        a.mov(ebx, dword_ptr(rsi + 64)).unwrap(); // PM1a_CNT_BLK
+        putc(a, b'S');
+        a.mov(edx, ebx).unwrap();
+        a.mov(ax, (5u32 << 10) | (1 << 13)).unwrap();
+        a.out(dx, ax).unwrap();
+        spin(a);
+        a.set_label(&mut bad).unwrap();
+        putc(a, b'?');
+        reset(a);
+    });
+    let out = run_kiln(&write_vm(&dir, &elf_image(&code), 1, ""), TIMEOUT);
+    let stderr = text(&out.stderr);
+    assert_eq!(text(&out.stdout), "S", "stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+}
+
+/// A write of "panicked" to the pvpanic port ends kiln with 3 at once.
+#[test]
+fn pvpanic_exits_3() {
+    require_kvm();
+    let dir = scratch("pvpanic");
+    let code = assemble(|a| {
+        putc(a, b'P');
+        a.mov(al, 1u32).unwrap();
+        a.mov(dx, 0x505u32).unwrap();
+        a.out(dx, al).unwrap();
+        spin(a);
+    });
+    let out = run_kiln(&write_vm(&dir, &elf_image(&code), 1, ""), TIMEOUT);
+    let stderr = text(&out.stderr);
+    assert_eq!(text(&out.stdout), "P", "stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert!(stderr.contains("the guest kernel panicked"), "{stderr}");
+}

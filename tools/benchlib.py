@@ -143,6 +143,7 @@ def run_vm(argv, mem_mib, timeout, post_marker_timeout=60.0, cwd=None, echo=Fals
            stop_on=(rb"^Code=",), need_exit=True):
     """Run one VM to completion (or timeout). Returns a dict:
     t_marker (s since start or None), t_exit_line, exit_status (KILN-EXIT),
+    t_end (when the VMM closed its stdout: its exit),
     rc, peak_overhead_kib, peak_total_kib, guest_kib, lines, stderr, failure."""
     mem_kib = mem_mib * 1024
     lines = []  # (t, bytes)
@@ -150,7 +151,7 @@ def run_vm(argv, mem_mib, timeout, post_marker_timeout=60.0, cwd=None, echo=Fals
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=cwd, start_new_session=True)
     stderr_chunks = []
-    state = {"marker": None, "exit_line": None, "exit_status": None, "stop": None}
+    state = {"marker": None, "exit_line": None, "exit_status": None, "stop": None, "end": None}
     stop_res = [re.compile(p) for p in stop_on]
 
     def read_out():
@@ -168,6 +169,7 @@ def run_vm(argv, mem_mib, timeout, post_marker_timeout=60.0, cwd=None, echo=Fals
                 state["exit_status"] = int(m.group(1))
             if state["stop"] is None and any(r.search(line) for r in stop_res):
                 state["stop"] = line.decode(errors="replace")
+        state["end"] = time.monotonic() - t0
 
     def read_err():
         for chunk in iter(lambda: proc.stderr.read(4096), b""):
@@ -229,7 +231,7 @@ def run_vm(argv, mem_mib, timeout, post_marker_timeout=60.0, cwd=None, echo=Fals
         elif need_exit and rc != 0:
             failure = "VMM rc %d" % rc
     return {
-        "t_marker": state["marker"], "t_exit_line": state["exit_line"],
+        "t_marker": state["marker"], "t_exit_line": state["exit_line"], "t_end": state["end"],
         "exit_status": state["exit_status"], "rc": rc,
         "peak_overhead_kib": peak_over, "peak_total_kib": peak_total,
         "guest_kib": guest_at_peak, "lines": lines, "cpu_samples": cpu_samples,

@@ -84,6 +84,9 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: crate::devices::legacy::serial::SerialSnapshot,
+    /// The ACPI PM1 registers (absent from snapshots older than them).
+    #[serde(default)]
+    pub acpi_pm: crate::devices::legacy::acpi_pm::AcpiPmState,
     /// The virtio devices, in the order they were attached.
     pub devices: Vec<DeviceState>,
 }

@@ -32,6 +32,7 @@ fn snapshot_of_a_guest(dir: &Path) -> (Paths, Guest) {
         vm: VmState::save(&g.vm.fd).unwrap(),
         vcpus: vec![VcpuState::save(&g.vcpu, &cpuid, &msrs).unwrap()],
         serial: Default::default(),
+        acpi_pm: Default::default(),
         devices: Vec::new(),
     };
     let paths = Paths::new(dir, "s");

@@ -20,6 +20,7 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::arch::x86_64::acpi;
 use crate::arch::x86_64::boot::{self, BootInfo};
 use crate::arch::x86_64::cpuid::Topology;
 use crate::arch::x86_64::layout::*;
@@ -27,8 +28,10 @@ use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::{self, EntryMode};
 use crate::config::{BlockDeviceConfig, CacheType, VmConfig};
 use crate::devices::bus::{self, Bus};
+use crate::devices::legacy::acpi_pm::{self, AcpiPm, AcpiPmState};
 use crate::devices::legacy::console::{self, ConsoleBuffer, ConsoleDrainer};
 use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::pvpanic::PvPanic;
 use crate::devices::legacy::serial::{SerialDevice, SerialInput, SerialSnapshot};
 use crate::devices::virtio::block::{self, Block};
 use crate::devices::virtio::fs::{self, guard::FdBudget, Fs, FsOptions};
@@ -51,8 +54,13 @@ pub const DEFAULT_BOOT_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp";
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-/// The console drainer (flushed at exit) and the UART (saved in snapshots).
-type LegacyDevices = (Arc<Mutex<ConsoleDrainer>>, Arc<Mutex<SerialDevice>>);
+/// The console drainer (flushed at exit), and the UART and ACPI PM1
+/// registers (saved in snapshots).
+struct LegacyDevices {
+    console: Arc<Mutex<ConsoleDrainer>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -72,6 +80,8 @@ pub enum Error {
     Boot(#[from] boot::Error),
     #[error(transparent)]
     MpTable(#[from] mptable::Error),
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
     #[error(transparent)]
     Regs(#[from] regs::Error),
     #[error(transparent)]
@@ -297,6 +307,7 @@ pub struct Vmm {
     devices: Vec<AttachedDevice>,
     console: Arc<Mutex<ConsoleDrainer>>,
     serial: Arc<Mutex<SerialDevice>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
     mem_size_mib: usize,
     /// Where SIGUSR1 writes a snapshot, if anywhere.
     snapshot_to: Option<crate::snapshot::Paths>,
@@ -370,13 +381,13 @@ impl Vmm {
 
         let mut io_bus = Bus::new();
         let mut mmio_bus = Bus::new();
-        let (console, serial) = Self::attach_legacy_devices(
+        let legacy = Self::attach_legacy_devices(
             &vm,
             &mut io_bus,
             &mut event_manager,
             &exit,
             console,
-            restore.as_ref().map(|s| &s.serial),
+            restore.as_ref().map(|s| (&s.serial, &s.acpi_pm)),
         )?;
 
         let mut cmdline = config
@@ -514,8 +525,9 @@ impl Vmm {
             exit,
             stop_signals: true,
             devices,
-            console,
-            serial,
+            console: legacy.console,
+            serial: legacy.serial,
+            acpi_pm: legacy.acpi_pm,
             mem_size_mib: mc.mem_size_mib,
             snapshot_to: None,
             snapshotter,
@@ -548,6 +560,7 @@ impl Vmm {
             mem_size,
             cmdline_size,
             initrd,
+            rsdp_addr: acpi::write(mem, mc.vcpu_count)?,
         };
         match kernel.mode {
             EntryMode::Linux64 => boot::write_zero_page(mem, &info, kernel.setup_header)?,
@@ -572,16 +585,17 @@ impl Vmm {
     }
 
     /// The serial console (IRQ 4 through an irqfd, output drained and input
-    /// fed on the event loop) and the i8042 reset line; returns the console
-    /// drainer, for the flush at exit.
+    /// fed on the event loop), the i8042 reset line, the ACPI PM1
+    /// registers and pvpanic, with the state a snapshot saved of them.
     fn attach_legacy_devices(
         vm: &vm::Vm,
         io_bus: &mut Bus,
         event_manager: &mut EventManager<Subscriber>,
         exit: &Arc<ExitSignal>,
         console: ConsoleIo,
-        serial_state: Option<&SerialSnapshot>,
+        saved: Option<(&SerialSnapshot, &AcpiPmState)>,
     ) -> Result<LegacyDevices, Error> {
+        let (serial_state, acpi_pm_state) = saved.unzip();
         let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial interrupt"))?;
         vm.fd
             .register_irqfd(&irq, SERIAL_IRQ)
@@ -612,13 +626,23 @@ impl Vmm {
             event_manager.add_subscriber(Arc::new(Mutex::new(input)));
         }
         let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+        let bus_err = |name| move |source| Error::Bus { name, source };
         io_bus
             .insert(i8042, I8042_PORT, I8042_PORT_LEN)
-            .map_err(|source| Error::Bus {
-                name: "i8042",
-                source,
-            })?;
-        Ok((drainer, serial_dev))
+            .map_err(bus_err("i8042"))?;
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone(), acpi_pm_state)));
+        io_bus
+            .insert(acpi_pm.clone(), ACPI_PM1_EVT_PORT, acpi_pm::LEN)
+            .map_err(bus_err("ACPI PM1"))?;
+        let pvpanic = Arc::new(Mutex::new(PvPanic::new(exit.clone())));
+        io_bus
+            .insert(pvpanic, PVPANIC_PORT, PVPANIC_PORT_LEN)
+            .map_err(bus_err("pvpanic"))?;
+        Ok(LegacyDevices {
+            console: drainer,
+            serial: serial_dev,
+            acpi_pm,
+        })
     }
 
     /// A handle to end the run from another thread: report a reason on it

@@ -277,6 +277,7 @@ impl Vmm {
             vm: VmState::save(&self.vm.fd)?,
             vcpus,
             serial: bus::lock(&self.serial).snapshot(),
+            acpi_pm: bus::lock(&self.acpi_pm).state(),
             devices,
         };
         snapshot::write(paths, &state, &self._memory, &self.vm.supported_cpuid)

@@ -82,6 +82,8 @@ pub struct BootInfo {
     pub cmdline_size: usize,
     /// (address, size) of the initrd, if any.
     pub initrd: Option<(u64, u64)>,
+    /// Where the ACPI RSDP is (0: no ACPI tables).
+    pub rsdp_addr: u64,
 }
 
 /// Writes the zero page for the 64-bit boot protocol. `header` is the
@@ -109,6 +111,9 @@ pub fn write_zero_page(
         params.hdr.ramdisk_image = u32::try_from(addr).unwrap_or(0);
         params.hdr.ramdisk_size = u32::try_from(size).unwrap_or(0);
     }
+    // Read by Linux 5.0 and later (boot protocol 2.14); older kernels
+    // find the RSDP by scanning the BIOS area.
+    params.acpi_rsdp_addr = info.rsdp_addr;
     let map = e820_map(info.mem_size);
     if map.len() > params.e820_table.len() {
         return Err(Error::TooManyE820Entries(map.len()));
@@ -133,6 +138,7 @@ pub fn write_pvh_start_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<()
         version: 1,
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
+        rsdp_paddr: info.rsdp_addr,
         ..Default::default()
     };
     if let Some((addr, size)) = info.initrd {
@@ -244,6 +250,7 @@ mod tests {
             mem_size: 64 << 20,
             cmdline_size: 10,
             initrd: Some((0x300_0000, 0x1234)),
+            rsdp_addr: 0xe_0000,
         };
         write_zero_page(&m, &info, None).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
@@ -254,6 +261,7 @@ mod tests {
         assert_eq!({ p.hdr.cmdline_size }, 10);
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 0x1234);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
         assert_eq!(p.e820_entries, 2);
         assert_eq!({ p.e820_table[1].addr }, HIMEM_START);
         assert_eq!(m.num_regions(), 1);
@@ -266,9 +274,11 @@ mod tests {
             mem_size: 64 << 20,
             cmdline_size: 10,
             initrd: Some((0x300_0000, 0x10)),
+            rsdp_addr: 0xe_0000,
         };
         write_pvh_start_info(&m, &info).unwrap();
         let s: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(s.rsdp_paddr, 0xe_0000);
         assert_eq!(s.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(s.memmap_entries, 2);
         assert_eq!(s.nr_modules, 1);

@@ -8,6 +8,7 @@
 //! 0x0000_9000  PML4, PDPT, PD identity-mapping the first 1 GiB
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  MP table (the last KiB of base memory, where Linux scans)
+//! 0x000e_0000  ACPI tables, RSDP first (the BIOS area Linux scans for it)
 //! 0x0010_0000  kernel, then the rest of RAM; initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO gap: virtio-mmio devices, IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM above the gap, for guests larger than 3 GiB
@@ -39,6 +40,11 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area: the MP table goes here, and RAM
 /// below 1 MiB ends here in the e820 map.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables, the RSDP first: in the BIOS area where Linux looks for
+/// the RSDP when no boot protocol field gives it, and out of the e820
+/// RAM, so the guest never allocates over them.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
 /// First address above the legacy hole (VGA, option ROMs, BIOS).
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The 32-bit MMIO gap: guest RAM never overlaps it.
@@ -57,6 +63,11 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// Legacy IRQs of the devices kiln emulates.
 pub const SERIAL_IRQ: u32 = 4;
+/// The ACPI system control interrupt: a guest with ACPI must have one, kiln
+/// never raises it. IRQ 3 (COM2, which kiln does not emulate), because
+/// virtio devices may take every IRQ from [`VIRTIO_IRQ_START`] on,
+/// including the usual 9.
+pub const ACPI_SCI_IRQ: u32 = 3;
 /// virtio-mmio devices get IRQs from here up to the last IOAPIC pin.
 pub const VIRTIO_IRQ_START: u32 = 5;
 pub const IRQ_MAX: u32 = 23;
@@ -66,6 +77,15 @@ pub const SERIAL_PORT: u64 = 0x3f8;
 pub const SERIAL_PORT_LEN: u64 = 8;
 pub const I8042_PORT: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
+/// The ACPI PM1a event block (status, enable; 2 bytes each) and, right
+/// after it, the PM1a control register (2 bytes).
+pub const ACPI_PM1_EVT_PORT: u64 = 0x600;
+pub const ACPI_PM1_EVT_LEN: u64 = 4;
+pub const ACPI_PM1_CNT_PORT: u64 = ACPI_PM1_EVT_PORT + ACPI_PM1_EVT_LEN;
+pub const ACPI_PM1_CNT_LEN: u64 = 2;
+/// QEMU's pvpanic device (ACPI `QEMU0001`).
+pub const PVPANIC_PORT: u64 = 0x505;
+pub const PVPANIC_PORT_LEN: u64 = 1;
 
 /// The RAM ranges of a guest with `mem_size` bytes: one below the MMIO gap,
 /// and one above 4 GiB for whatever does not fit under it.
@@ -87,6 +107,8 @@ const _: () = {
     assert!(ZERO_PAGE_START + 4096 <= BOOT_STACK_POINTER);
     assert!(PDE_START + 4096 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(EBDA_START + 0x400 <= ACPI_START && ACPI_END <= HIMEM_START);
+    assert!(ACPI_SCI_IRQ < VIRTIO_IRQ_START && ACPI_SCI_IRQ != SERIAL_IRQ);
     assert!(KVM_IDENTITY_MAP_ADDRESS + 4096 == KVM_TSS_ADDRESS);
     assert!(KVM_TSS_ADDRESS + 3 * 4096 < MMIO_GAP_END);
     assert!(APIC_START as u64 + 4096 <= KVM_IDENTITY_MAP_ADDRESS);

@@ -1,5 +1,6 @@
 //! x86_64 guest setup: memory layout, boot parameters, CPU state.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod gdt;
