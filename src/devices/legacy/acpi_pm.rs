@@ -44,6 +44,9 @@ pub struct AcpiPm {
     enable: u16,
     /// SLP_TYP and the other read/write bits; SCI_EN is always read as set.
     control: u16,
+    /// A sleep state kiln does not offer was asked for (warned once: a
+    /// guest must not flood the log).
+    warned: bool,
 }
 
 impl AcpiPm {
@@ -53,6 +56,7 @@ impl AcpiPm {
             exit,
             enable: state.enable,
             control: state.control & !SLP_EN,
+            warned: false,
         }
     }
 
@@ -85,15 +89,17 @@ impl AcpiPm {
         }
     }
 
-    fn sleep(&self, slp_typ: u16) {
+    fn sleep(&mut self, slp_typ: u16) {
         if slp_typ == u16::from(SLP_TYP_S5) {
             log::info!("the guest powered off through ACPI (S5)");
             self.exit.report(ExitReason::PowerOff);
-        } else {
+        } else if !self.warned {
             // Only S5 is in the DSDT: a guest that asks for another state
             // gets nothing, as on a machine without it.
+            self.warned = true;
             log::warn!(
-                "the guest asked for ACPI sleep type {slp_typ}, which kiln does not offer; ignored"
+                "the guest asked for ACPI sleep type {slp_typ}, which kiln does not offer; ignored \
+                 (said once)"
             );
         }
     }
