@@ -28,6 +28,9 @@ pub const PROGRAM: &str = "passt";
 pub const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// waitid's id type for a pidfd (include/uapi/linux/wait.h; not in libc).
 pub const P_PIDFD: libc::idtype_t = 3;
+/// close_range(2)'s flag: mark the range close-on-exec rather than close it
+/// (include/uapi/linux/close_range.h).
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 /// How much of passt's messages is kept for a failure's explanation.
 const MAX_WORDS: usize = 2048;
 
@@ -131,12 +134,15 @@ pub fn start(opts: &Options) -> Result<(UnixStream, Passt), Error> {
         // Out of kiln's process group: a Ctrl-C at the terminal is for
         // the command (kiln run passes it on), not for its network.
         .process_group(0);
-    // SAFETY: the closure only makes an fcntl call, async-signal-safe, on
-    // an fd the child inherited: passt's end of the pair is the one fd it
-    // keeps across exec (UnixStream::pair makes both close-on-exec).
+    // SAFETY: the closure makes two system calls, async-signal-safe, on
+    // the child's own fds: every fd past stdio is marked close-on-exec
+    // (the VM's eventfds and the like are not, and passt must get none of
+    // them), then passt's end of the pair is kept.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) < 0
+                || libc::fcntl(fd, libc::F_SETFD, 0) < 0
+            {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
@@ -351,6 +357,29 @@ mod tests {
         // Dropping the backend closed the socket, and passt was reaped:
         // no process, not even a zombie.
         assert!(!alive(pid), "passt (pid {pid}) is still there");
+    }
+
+    #[test]
+    fn passt_inherits_no_fd_but_its_socket() {
+        // An fd of this process without close-on-exec, as an eventfd of the
+        // VM's is.
+        // SAFETY: eventfd(2) with constant arguments; the fd is closed below.
+        let leaky = unsafe { libc::eventfd(0, 0) };
+        assert!(leaky >= 0);
+        let (s, pid) = started();
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|t| t.display().to_string())
+            .collect();
+        assert!(
+            !fds.iter().any(|t| t.contains("eventfd")),
+            "passt got an fd it should not have: {fds:?}"
+        );
+        drop(s);
+        // SAFETY: closing the fd made above.
+        unsafe { libc::close(leaky) };
     }
 
     #[test]
