@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::devices::bus::lock;
 
@@ -60,7 +60,7 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(ExitSignal {
             reason: Mutex::new(None),
-            evt: EventFd::new(EFD_NONBLOCK)?,
+            evt: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
         })
     }
 

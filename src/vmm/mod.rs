@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::arch::x86_64::acpi;
 use crate::arch::x86_64::boot::{self, BootInfo};
@@ -596,7 +596,8 @@ impl Vmm {
         saved: Option<(&SerialSnapshot, &AcpiPmState)>,
     ) -> Result<LegacyDevices, Error> {
         let (serial_state, acpi_pm_state) = saved.unzip();
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial interrupt"))?;
+        let irq =
+            EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(io_err("the serial interrupt"))?;
         vm.fd
             .register_irqfd(&irq, SERIAL_IRQ)
             .map_err(|source| Error::Irqfd {

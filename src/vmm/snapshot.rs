@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
 use crate::devices::bus;
@@ -120,9 +120,11 @@ impl Snapshotter {
     pub(super) fn new() -> Result<Self, Error> {
         Ok(Snapshotter {
             queue: Arc::new(Mutex::new(Some(Vec::new()))),
-            wake: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Io {
-                what: "the snapshot request event",
-                source,
+            wake: Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|source| {
+                Error::Io {
+                    what: "the snapshot request event",
+                    source,
+                }
             })?),
         })
     }

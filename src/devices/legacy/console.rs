@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::output_fd::OutputFd;
@@ -165,7 +165,7 @@ impl ConsoleBuffer {
     pub fn new(capacity: usize) -> io::Result<Self> {
         Ok(ConsoleBuffer(Arc::new(Shared {
             ring: Mutex::new(Ring::new(capacity)),
-            wake: EventFd::new(EFD_NONBLOCK)?,
+            wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
         })))
     }
 

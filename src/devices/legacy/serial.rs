@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::devices::bus::{lock, BusDevice};
 
@@ -67,7 +67,7 @@ impl SerialDevice {
     /// `irq` is written when the UART raises its interrupt; `state`, when
     /// given, is a snapshot's UART (a FIFO over the UART's size is refused).
     pub fn new(irq: EventFd, out: Output, state: Option<&SerialSnapshot>) -> io::Result<Self> {
-        let input_ready = EventFd::new(EFD_NONBLOCK)?;
+        let input_ready = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         let events = InputReady(input_ready.try_clone()?);
         let uart = match state {
             None => Serial::with_events(IrqTrigger(irq), events, out),
@@ -269,7 +269,7 @@ mod tests {
     const LSR_DATA_READY: u8 = 1;
 
     fn device() -> (SerialDevice, Sink, EventFd) {
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).unwrap();
         let sink = Sink::default();
         let dev =
             SerialDevice::new(irq.try_clone().unwrap(), Box::new(sink.clone()), None).unwrap();

@@ -5,7 +5,7 @@
 //! space at 0x100 accepts any width.
 
 use log::debug;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use virtio_queue::QueueT;
 
@@ -93,14 +93,14 @@ impl MmioTransport {
             .collect::<Result<Vec<_>, _>>()?;
         let queue_evts = max_sizes
             .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd))
+            .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             device,
             mem,
             interrupt: Interrupt::new()?,
             queue_evts,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+            activate_evt: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?,
             queues,
             device_status: 0,
             device_features_sel: 0,

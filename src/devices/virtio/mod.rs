@@ -43,7 +43,7 @@ use event_manager::{EventSet, MutEventSubscriber};
 use log::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 pub use block::{BlockOptions, CacheMode};
 pub use mmio::{MmioTransport, MMIO_REGION_SIZE, QUEUE_NOTIFY_OFFSET};
@@ -160,7 +160,7 @@ impl Interrupt {
         Ok(Self {
             status: Arc::new(AtomicU32::new(0)),
             needs_reset: Arc::new(AtomicBool::new(false)),
-            evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
+            evt: Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?),
             warnings: Arc::new(AtomicU32::new(0)),
         })
     }

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use log::error;
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::guard::FdBudget;
 use super::{handle_chain, serve, Error, FsServer};
@@ -69,7 +69,7 @@ const WAKE_TOKEN: u64 = u64::MAX;
 
 impl Worker {
     pub(super) fn start(share: Share, tag: &str) -> Result<Self, Error> {
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(Error::Wakeup)?;
+        let wake = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::Wakeup)?;
         let worker_wake = wake.try_clone().map_err(Error::Wakeup)?;
         let (commands, rx) = mpsc::channel();
         let (stopped_tx, stopped) = mpsc::channel();
@@ -388,7 +388,7 @@ mod tests {
         let mut queue = cfg.build(mem, false).unwrap();
         queue.set_next_avail(served);
         queue.set_next_used(served);
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let notify = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).unwrap();
         let job = Job {
             mem: mem.clone(),
             interrupt: Interrupt::new().unwrap(),

@@ -34,7 +34,7 @@ use event_manager::EventSet;
 use log::{debug, warn};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::conn::{Conn, Produced, Verdict};
@@ -121,7 +121,7 @@ impl Muxer {
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, Error> {
         let listener = HostListener::bind(uds_path)?;
         let timer = TimerFd::new().map_err(Error::Timer)?;
-        let kick = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let kick = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?;
         let fixed = vec![
             listener.listener.as_raw_fd(),
             timer.as_raw_fd(),
