@@ -333,7 +333,9 @@ impl Net {
             };
         let c = &mut self.counters;
         let mut len = 0usize;
+        let mut cut_short = false;
         for desc in chain {
+            cut_short = desc.has_next();
             if desc.is_write_only() {
                 c.tx_bad_chain += 1;
                 debug!(
@@ -358,6 +360,13 @@ impl Net {
                 return;
             }
             len = end;
+        }
+        // virtio-queue ends a chain that loops or names a descriptor past
+        // the queue early, on a descriptor that still has NEXT.
+        if cut_short {
+            c.tx_bad_chain += 1;
+            debug!("net {}: tx chain cut short (a loop?)", self.iface_id);
+            return;
         }
         if len < VNET_HDR_LEN + ETH_HLEN {
             c.tx_short += 1;
@@ -401,11 +410,14 @@ impl Net {
 
     /// Collects the receive chain's buffers into `rx_buffers`; false when
     /// the chain cannot take a frame (a device-readable buffer, one outside
-    /// guest memory, or less room than the header).
+    /// guest memory, less room than the header, or a chain virtio-queue cut
+    /// short: a loop would count one buffer many times).
     fn rx_chain(&mut self, chain: DescriptorChain<&GuestMem>, mem: &GuestMem) -> bool {
         self.rx_buffers.clear();
         let mut room = 0usize;
+        let mut cut_short = false;
         for desc in chain {
+            cut_short = desc.has_next();
             let len = usize::try_from(desc.len()).unwrap_or(usize::MAX);
             if !desc.is_write_only() || !mem.check_range(desc.addr(), len) {
                 return false;
@@ -413,7 +425,7 @@ impl Net {
             room = room.saturating_add(len);
             self.rx_buffers.push((desc.addr(), len));
         }
-        room >= VNET_HDR_LEN
+        !cut_short && room >= VNET_HDR_LEN
     }
 
     /// Fills the guest's receive buffers with frames from the backend, one
