@@ -24,7 +24,7 @@ type Seeds = fn() -> Vec<(String, Vec<u8>)>;
 
 /// Every target: name (its cargo-fuzz target and corpus folder), harness,
 /// seed maker, random cases.
-const TARGETS: [(&str, Harness, Seeds, u32); 8] = [
+const TARGETS: [(&str, Harness, Seeds, u32); 9] = [
     ("config", fuzzing::config::run, fuzzing::config::seeds, 3000),
     ("block", fuzzing::block::run, fuzzing::block::seeds, 1500),
     ("vsock", fuzzing::vsock::run, fuzzing::vsock::seeds, 1000),
@@ -48,6 +48,7 @@ const TARGETS: [(&str, Harness, Seeds, u32); 8] = [
         5000,
     ),
     ("image", fuzzing::image::run, fuzzing::image::seeds, 1500),
+    ("net", fuzzing::net::run, fuzzing::net::seeds, 1000),
 ];
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -159,6 +160,11 @@ fn replay_protocol() {
 #[test]
 fn replay_image() {
     replay("image");
+}
+
+#[test]
+fn replay_net() {
+    replay("net");
 }
 
 /// The corpus holds every seed the harness makes, as it makes it (so a

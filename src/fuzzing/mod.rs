@@ -22,6 +22,7 @@ pub mod image;
 pub mod input;
 pub mod kernel;
 pub mod memory;
+pub mod net;
 pub mod protocol;
 pub mod virtq;
 pub mod vsock;

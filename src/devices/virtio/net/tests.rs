@@ -892,3 +892,46 @@ fn a_queue_of_buffers_too_small_for_a_frame_comes_back_empty() {
     assert_eq!((c.rx_too_big, c.rx_frames), (1, 0), "{c:?}");
     assert!(!g.d.needs_reset());
 }
+
+/// Makes the descriptor `head` of `ring` name itself as next: virtio-queue
+/// then yields it again and again until the queue size runs out.
+fn loop_onto_itself(mem: &GuestMem, ring: &Ring, head: u16, flags: u16) {
+    let at = ring.desc + u64::from(head) * 16;
+    mem.write_obj(flags | F_NEXT, GuestAddress(at + 12))
+        .unwrap();
+    mem.write_obj(head, GuestAddress(at + 14)).unwrap();
+}
+
+#[test]
+fn chains_that_loop_are_refused_both_ways() {
+    // Found by the net fuzz target: a receive buffer counted once per turn
+    // of the loop, a 1527-byte frame written over a 1526-byte buffer and
+    // the used length saying 1527.
+    let mut g = Guest::new(None);
+    let mut raw = vec![0u8; 12];
+    raw.extend_from_slice(&frame(1515));
+    g.host.send(&raw).unwrap();
+    let head = g.rx.push(&g.mem, &[(RX_BUF, 1526, true)]);
+    loop_onto_itself(&g.mem, &g.rx, head, F_WRITE);
+    g.process(RXQ);
+    assert_eq!(g.rx.take_used(&g.mem), [(u32::from(head), 0)]);
+    let c = g.counters();
+    assert_eq!((c.rx_frames, c.rx_bad_chain), (0, 1));
+    // The frame waited for a buffer that can take it.
+    g.post_rx(1, 1527);
+    let got = g.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, frame(1515));
+
+    // A transmit chain looping on its header and frame is not sent.
+    let mut bytes = vec![0u8; 12];
+    bytes.extend_from_slice(&frame(60));
+    g.mem.write_slice(&bytes, GuestAddress(TX_BUF)).unwrap();
+    let head = g.tx.push(&g.mem, &[(TX_BUF, 72, false)]);
+    loop_onto_itself(&g.mem, &g.tx, head, 0);
+    g.process(TXQ);
+    assert_eq!(g.tx.take_used(&g.mem), [(u32::from(head), 0)]);
+    assert!(g.host_frames().is_empty());
+    let c = g.counters();
+    assert_eq!((c.tx_frames, c.tx_bad_chain), (0, 1));
+}
