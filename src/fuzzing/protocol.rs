@@ -159,6 +159,13 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             unix_ns: 1_795_000_000_123_456_789,
             entropy: vec![0xa5; 32],
         },
+        Msg::Network(Box::new(crate::protocol::NetworkSpec {
+            mac: [2, 0x6b, 0x69, 0x6c, 0x6e, 0],
+            address: std::net::Ipv4Addr::new(10, 0, 2, 15),
+            prefix_len: 24,
+            gateway: std::net::Ipv4Addr::new(10, 0, 2, 2),
+            dns: vec![std::net::Ipv4Addr::new(10, 0, 2, 3)],
+        })),
     ];
     let mut out = Vec::new();
     let mut s = Seed::default();
