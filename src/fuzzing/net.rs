@@ -1,7 +1,9 @@
 //! virtio-net under a hostile driver and a hostile host: the device behind
 //! kiln's mmio transport on a fake backend ([`Host`]) that hands it
 //! fuzzer-made frames (any header, any length, errors when told) and
-//! records what it sends; the guest's frames in fuzzer-chosen transmit
+//! records what it sends, and may push back on writes as a stream socket
+//! does (`WouldBlock`: the frame waits in the guest's queue until the fd
+//! is writable and what the backend holds is flushed); the guest's frames in fuzzer-chosen transmit
 //! chains, its receive buffers, and backend readiness events as the event
 //! loop delivers them (only while the device watches the backend).
 //!
@@ -63,6 +65,7 @@ struct Host {
     /// The next read, write, offload change fails so (once each).
     read_error: Option<io::ErrorKind>,
     write_error: Option<io::ErrorKind>,
+    flush_error: Option<io::ErrorKind>,
     offload_error: bool,
     /// Frames the device wrote, checked and cleared after each step.
     sent: Vec<Vec<u8>>,
@@ -75,6 +78,7 @@ struct Host {
 struct FakeBackend {
     host: Arc<Mutex<Host>>,
     offloads: bool,
+    backpressure: bool,
 }
 
 fn host(h: &Mutex<Host>) -> MutexGuard<'_, Host> {
@@ -110,6 +114,17 @@ impl Backend for FakeBackend {
 
     fn offloads(&self) -> bool {
         self.offloads
+    }
+
+    fn backpressure(&self) -> bool {
+        self.backpressure
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match host(&self.host).flush_error.take() {
+            Some(kind) => Err(kind.into()),
+            None => Ok(()),
+        }
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
@@ -185,6 +200,7 @@ pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let settings = input.u8();
     let offloads = settings & 1 != 0;
+    let backpressure = settings & 8 != 0;
     let mtu = match (settings >> 1) & 3 {
         0 => None,
         1 => Some(1500),
@@ -195,6 +211,7 @@ pub fn run(data: &[u8]) {
     let backend = FakeBackend {
         host: shared.clone(),
         offloads,
+        backpressure,
     };
     let opts = NetOptions {
         iface_id: "fuzz".into(),
@@ -286,9 +303,11 @@ impl Harness {
                 self.pump(EventSet::IN);
             }
             HOST_EVENT => {
-                let events = match input.below(4) {
+                let events = match input.below(6) {
                     0 => EventSet::IN | EventSet::ERROR,
                     1 => EventSet::HANG_UP,
+                    4 => EventSet::OUT,
+                    5 => EventSet::IN | EventSet::OUT,
                     _ => EventSet::IN,
                 };
                 self.pump(events);
@@ -305,6 +324,7 @@ impl Harness {
                 h.write_error = kinds.get(usize::from((b >> 2) & 3)).copied();
                 h.offload_error = b & 0x10 != 0;
                 self.watch.fail_next = b & 0x20 != 0;
+                h.flush_error = kinds.get(usize::from(b >> 6)).copied();
             }
         }
     }
@@ -622,5 +642,19 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     s.u8(INIT).u64(all);
     s.u8(HOST_EVENT).u8(1);
     out.push(("hostile".into(), s.take()));
+
+    // A stream backend that pushes back: a frame refused and held, a
+    // writable event whose flush fails, one whose flush works (the frame
+    // goes again), then a frame held across a reset.
+    start(&mut s, 8, COMMON | VIRTIO_NET_F_MAC | VIRTIO_NET_F_CSUM);
+    s.u8(HOST_FAULTS).u8(0x00);
+    tx(&mut s, 0x00, 60, 0xa000, &[]);
+    s.u8(HOST_EVENT).u8(4);
+    s.u8(HOST_EVENT).u8(4);
+    s.u8(HOST_FAULTS).u8(0xc3);
+    tx(&mut s, 0x01, 100, 0xb000, &[12]);
+    s.u8(INIT).u64(COMMON);
+    s.u8(HOST_EVENT).u8(5);
+    out.push(("backpressure".into(), s.take()));
     out
 }
