@@ -161,13 +161,7 @@ fn kernel_panic_exits_3(name: &str, extra_args: &str, signal: &str) {
     );
     std::fs::write(&config, json).unwrap();
     let mut child = start_kiln(&config, &["--log-level", "info"]);
-    let out = finish(&mut child, BOOT_TIMEOUT);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let (stdout, stderr) = finish_with(&mut child, BOOT_TIMEOUT, 3);
     assert!(stdout.contains("Kernel panic"), "{stdout}");
     assert!(stderr.contains("the guest kernel panicked"), "{stderr}");
     assert!(stderr.contains(signal), "{stderr}");
@@ -199,13 +193,7 @@ fn a_guest_poweroff_exits_0() {
     );
     std::fs::write(&config, json).unwrap();
     let mut child = start_kiln(&config, &["--log-level", "info"]);
-    let out = finish(&mut child, BOOT_TIMEOUT);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let (stdout, stderr) = finish_with(&mut child, BOOT_TIMEOUT, 0);
     assert!(stdout.contains("before-poweroff"), "{stdout}");
     assert!(!stdout.contains("after-poweroff"), "{stdout}");
     assert!(!stdout.contains("KILN-EXIT"), "{stdout}");

@@ -90,42 +90,51 @@ def smaps_sample(pid, mem_kib):
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu(pid):
-    """{thread name: CPU seconds (user + system)} of pid's threads, or None."""
+def _per_thread(pid, read):
+    """{thread name: sum of read(tid dir) over the threads of that name}
+    for pid's threads (a thread that ends meanwhile, or that read cannot
+    measure, counts nothing), or None if pid is gone."""
     out = {}
+    task = "/proc/%d/task" % pid
     try:
-        tids = os.listdir("/proc/%d/task" % pid)
+        tids = os.listdir(task)
     except OSError:
         return None
     for tid in tids:
         try:
-            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
-                st = f.read()
-        except OSError:
+            name, secs = read("%s/%s" % (task, tid))
+        except (OSError, IndexError, AttributeError, ValueError):
             continue
-        name = st[st.index("(") + 1:st.rindex(")")]
-        fields = st[st.rindex(")") + 2:].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+        out[name] = out.get(name, 0.0) + secs
     return out
+
+
+def _stat_secs(tdir):
+    """(name, user + system CPU seconds) from a thread's stat (10 ms ticks)."""
+    with open(tdir + "/stat") as f:
+        st = f.read()
+    fields = st[st.rindex(")") + 2:].split()
+    return st[st.index("(") + 1:st.rindex(")")], (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _sched_secs(tdir):
+    """(name, CPU seconds) from a thread's sched file's se.sum_exec_runtime (ms)."""
+    with open(tdir + "/sched") as f:
+        name, text = f.readline().rsplit(" (", 1)[0], f.read()
+    m = re.search(r"se\.sum_exec_runtime\s*:\s*([\d.]+)", text)
+    return name, float(m.group(1)) / 1000
+
+
+def thread_cpu(pid):
+    """{thread name: CPU seconds (user + system)} of pid's threads, or None."""
+    return _per_thread(pid, _stat_secs)
 
 
 def sched_cpu(pid):
     """{thread name: CPU seconds} of pid's threads from se.sum_exec_runtime
     in /proc/PID/task/TID/sched (ns; CONFIG_SCHED_DEBUG), else thread_cpu's
     10 ms ticks; None if pid is gone."""
-    cpu = {}
-    try:
-        tids = os.listdir("/proc/%d/task" % pid)
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open("/proc/%d/task/%s/sched" % (pid, tid)) as f:
-                name, text = f.readline().rsplit(" (", 1)[0], f.read()
-            m = re.search(r"se\.sum_exec_runtime\s*:\s*([\d.]+)", text)
-            cpu[name] = cpu.get(name, 0.0) + float(m.group(1)) / 1000
-        except (OSError, IndexError, AttributeError):
-            continue
+    cpu = _per_thread(pid, _sched_secs)
     return cpu or thread_cpu(pid)
 
 

@@ -176,6 +176,19 @@ pub fn finish(child: &mut Child, timeout: Duration) -> Output {
     }
 }
 
+/// [`finish`], failing the test (with both outputs) unless kiln exited
+/// with `code`; its stdout and stderr as text.
+pub fn finish_with(child: &mut Child, timeout: Duration, code: i32) -> (String, String) {
+    let out = finish(child, timeout);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
 /// Waits for `child` to exit; None if it is still running after `timeout`.
 pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let start = std::time::Instant::now();
