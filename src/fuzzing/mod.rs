@@ -57,6 +57,19 @@ pub fn limit_file_size() {
     });
 }
 
+/// Ignores SIGPIPE, as kiln itself runs: Rust's runtime ignores it before
+/// `main` (a write to a closed socket fails with EPIPE), but a fuzz
+/// target's `main` is libFuzzer's, which leaves the default, and a vsock
+/// peer that closes its end mid-write would kill the fuzzer. Once per
+/// process.
+pub fn ignore_sigpipe() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SIG_IGN for SIGPIPE installs no handler code.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    });
+}
+
 /// Where scratch directories go: `$KILN_FUZZ_TMP`, else `/dev/shm`, else
 /// the temporary directory.
 fn scratch_base() -> PathBuf {

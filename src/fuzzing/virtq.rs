@@ -11,6 +11,7 @@
 //! - every used entry names a descriptor of the ring and says at most as
 //!   many bytes written as the chain has device-writable bytes.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -52,12 +53,20 @@ pub struct Ring {
     /// Whether the device took the ring (the checks look at no other).
     pub active: bool,
     avail_idx: u16,
+    /// Every head made available (valid or not), with the most
+    /// device-writable bytes its chain had at the start of any step since:
+    /// a device may hold a chain across steps (virtio-net's mergeable
+    /// receive buffers) while the driver rewrites its descriptors.
+    posted: HashMap<u16, u64>,
 }
 
 /// The driver's side of every queue of a device.
 pub struct Rings {
     pub mem: GuestMem,
     pub rings: Vec<Ring>,
+    /// Every byte device-writable at the start of any step so far (see
+    /// [`Ring::posted`]).
+    granted: Vec<bool>,
 }
 
 /// A guest address: mostly inside guest memory, sometimes at its edges
@@ -143,9 +152,14 @@ impl Rings {
                 size,
                 active: false,
                 avail_idx: 0,
+                posted: HashMap::new(),
             })
             .collect();
-        Self { mem, rings }
+        Self {
+            mem,
+            rings,
+            granted: vec![false; to_usize(MEM_END)],
+        }
     }
 
     /// Writes `d` at `at` (ignored where there is no guest memory).
@@ -182,6 +196,7 @@ impl Rings {
         let slot = u64::from(r.avail_idx % r.size.max(1));
         let (avail, idx) = (r.avail, r.avail_idx.wrapping_add(1));
         r.avail_idx = idx;
+        r.posted.entry(head).or_insert(0);
         self.write_u16(avail + 4 + 2 * slot, head);
         self.write_u16(avail + 2, idx);
     }
@@ -274,6 +289,14 @@ impl Rings {
     /// (the driver's mistake), and chains it reads after that are what it
     /// wrote. The used entries checked are those whose bytes changed.
     ///
+    /// And what was device-writable at the start of any earlier step: a
+    /// device may hold chains across steps (virtio-net's receive side
+    /// waits for enough mergeable buffers) and then fill them as they were
+    /// when it took them, while the driver has since rewritten their
+    /// descriptors or made the same head available again (the driver's
+    /// fault; the memory is still what the guest granted). Likewise a used
+    /// length may be as long as the chain was at any step's start.
+    ///
     /// Two cases are beyond what two snapshots can tell, and are not
     /// checked (each was a false alarm the fuzzer found):
     /// - When the device wrote into a descriptor table (a ring's, or an
@@ -295,6 +318,22 @@ impl Rings {
             return r;
         }
         let (buffers, buffers_after) = (self.buffer_map(&before), self.buffer_map(&after));
+        for (g, &b) in self.granted.iter_mut().zip(&buffers) {
+            *g |= b;
+        }
+        for r in self.rings.iter_mut().filter(|r| r.active) {
+            let now: Vec<(u16, u64)> = r
+                .posted
+                .keys()
+                .map(|&head| (head, writable_bytes(&before, r, head)))
+                .collect();
+            for (head, bytes) in now {
+                r.posted
+                    .entry(head)
+                    .and_modify(|most| *most = (*most).max(bytes));
+            }
+        }
+        let buffers = &self.granted;
         let used = self.used_map();
         let tables_written = self.tables_written(&before, &after);
         let (b, a) = (&before.0, &after.0);
@@ -343,8 +382,9 @@ impl Rings {
                 if tables_written {
                     continue;
                 }
-                let writable =
-                    writable_bytes(&before, r, head).max(writable_bytes(&after, r, head));
+                let writable = writable_bytes(&before, r, head)
+                    .max(writable_bytes(&after, r, head))
+                    .max(r.posted.get(&head).copied().unwrap_or(0));
                 assert!(
                     u64::from(len) <= writable,
                     "queue {q}: used entry for chain {head} says {len} bytes written, \

@@ -79,6 +79,7 @@ struct Harness {
 
 pub fn run(data: &[u8]) {
     super::limit_file_size();
+    super::ignore_sigpipe();
     let mut input = Input::new(data);
     let scratch = Scratch::new("vsock");
     let uds = scratch.path("v.sock");

@@ -16,6 +16,15 @@
 //!   the guest process has (so the files it creates belong to the user
 //!   running kiln, and kiln never switches uid, even as root), and changing
 //!   a file's owner or group to anything else fails with EPERM;
+//! - **open flags**: O_PATH and O_TMPFILE, which a guest kernel never
+//!   sends in an open or create request, are refused (EINVAL); reads and
+//!   writes reach the passthrough with the flags their handle was opened
+//!   with, whatever the request says. fuse-backend-rs 0.14 sets a request's
+//!   differing flags on the handle's fd with `fcntl(F_SETFL)`, and when that
+//!   fails (an O_PATH fd; O_DIRECT where the host file system has none) it
+//!   closes the fd the handle still owns: the number would be reused by the
+//!   next file kiln opens, and the handle would read, write and finally
+//!   close that one (the fs fuzz target found it);
 //! - **bounded file descriptors**: the passthrough file system holds one fd
 //!   per inode the guest knows and one per open file; both count against an
 //!   [`FdBudget`] shared by every shared folder, and past it lookups and
@@ -116,6 +125,9 @@ fn err(code: i32) -> io::Error {
 
 /// §: set-user-ID and set-group-ID mode bits.
 const SET_ID_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
+/// Open flags refused: see the module documentation (O_TMPFILE includes
+/// O_DIRECTORY, which is allowed).
+const REFUSED_OPEN_FLAGS: u32 = (libc::O_PATH | (libc::O_TMPFILE & !libc::O_DIRECTORY)) as u32;
 /// renameat2 flags a guest may pass (not RENAME_WHITEOUT: a device node).
 const RENAME_ALLOWED: u32 = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
 
@@ -129,6 +141,8 @@ pub struct Guard<F> {
     known: Mutex<HashMap<u64, u64>>,
     /// Open files and directories charged to the budget.
     handles: AtomicUsize,
+    /// The flags each open handle was opened with (as many as `handles`).
+    open_flags: Mutex<HashMap<u64, u32>>,
 }
 
 impl<F: FileSystem<Inode = u64, Handle = u64>> Guard<F> {
@@ -139,7 +153,25 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> Guard<F> {
             budget,
             known: Mutex::new(HashMap::new()),
             handles: AtomicUsize::new(0),
+            open_flags: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// EINVAL for open flags no guest kernel sends (see the module doc).
+    fn check_open_flags(flags: u32) -> io::Result<()> {
+        if flags & REFUSED_OPEN_FLAGS != 0 {
+            return Err(err(libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    /// The flags `handle` was opened with, which reads and writes pass on
+    /// in place of the request's; EBADF for a handle not open.
+    fn handle_flags(&self, handle: u64) -> io::Result<u32> {
+        lock(&self.open_flags)
+            .get(&handle)
+            .copied()
+            .ok_or_else(|| err(libc::EBADF))
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -207,6 +239,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> Guard<F> {
         inode: u64,
         handle: Option<u64>,
         dir: bool,
+        flags: u32,
     ) -> io::Result<()> {
         let Some(h) = handle else {
             return Ok(());
@@ -221,10 +254,12 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> Guard<F> {
             return Err(e);
         }
         self.handles.fetch_add(1, Ordering::AcqRel);
+        lock(&self.open_flags).insert(h, flags);
         Ok(())
     }
 
-    fn released(&self) {
+    fn released(&self, handle: u64) {
+        lock(&self.open_flags).remove(&handle);
         let had = self
             .handles
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| h.checked_sub(1));
@@ -403,6 +438,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let o_flags = i32::try_from(flags).map_err(|_| err(libc::EINVAL))?;
+        Self::check_open_flags(flags)?;
         if self.read_only
             && (o_flags & libc::O_ACCMODE != libc::O_RDONLY
                 || o_flags & (libc::O_TRUNC | libc::O_APPEND | libc::O_CREAT) != 0)
@@ -413,7 +449,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return Err(err(libc::ENFILE));
         }
         let opened = self.inner.open(&Self::own(ctx), inode, flags, fuse_flags)?;
-        self.admit_handle(ctx, inode, opened.0, false)?;
+        self.admit_handle(ctx, inode, opened.0, false, flags)?;
         Ok(opened)
     }
 
@@ -425,6 +461,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         mut args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
+        Self::check_open_flags(args.flags)?;
         if self.budget.used().saturating_add(2) > self.budget.max {
             return Err(err(libc::ENFILE));
         }
@@ -442,7 +479,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
                 return Err(e);
             }
         };
-        self.admit_handle(ctx, entry.inode, handle, false)?;
+        self.admit_handle(ctx, entry.inode, handle, false, args.flags)?;
         Ok((entry, handle, opts, passthrough))
     }
 
@@ -455,8 +492,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         size: u32,
         offset: u64,
         lock_owner: Option<u64>,
-        flags: u32,
+        _flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.handle_flags(handle)?;
         self.inner.read(
             &Self::own(ctx),
             inode,
@@ -479,10 +517,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         offset: u64,
         lock_owner: Option<u64>,
         delayed_write: bool,
-        flags: u32,
+        _flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
+        let flags = self.handle_flags(handle)?;
         self.inner.write(
             &Self::own(ctx),
             inode,
@@ -539,7 +578,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             lock_owner,
         );
         if r.is_ok() {
-            self.released();
+            self.released(handle);
         }
         r
     }
@@ -590,11 +629,14 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
+        Self::check_open_flags(flags)?;
         if self.budget.used() >= self.budget.max {
             return Err(err(libc::ENFILE));
         }
         let opened = self.inner.opendir(&Self::own(ctx), inode, flags)?;
-        self.admit_handle(ctx, inode, opened.0, true)?;
+        // As the passthrough keeps them for a directory.
+        let dir_flags = flags | libc::O_DIRECTORY as u32;
+        self.admit_handle(ctx, inode, opened.0, true, dir_flags)?;
         Ok(opened)
     }
 
@@ -659,7 +701,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
         let r = self.inner.releasedir(&Self::own(ctx), inode, flags, handle);
         if r.is_ok() {
-            self.released();
+            self.released(handle);
         }
         r
     }

@@ -218,10 +218,21 @@ impl Client {
     }
 
     fn read(&mut self, node: u64, fh: u64, size: u32) -> Result<Vec<u8>, i32> {
+        self.read_with_flags(node, fh, size, 0)
+    }
+
+    fn read_with_flags(
+        &mut self,
+        node: u64,
+        fh: u64,
+        size: u32,
+        flags: i32,
+    ) -> Result<Vec<u8>, i32> {
         let arg = ReadIn {
             fh,
             offset: 0,
             size,
+            flags: flags.cast_unsigned(),
             ..ReadIn::default()
         };
         self.call(Opcode::Read as u32, node, &[arg.as_slice()])
@@ -608,6 +619,37 @@ fn file_descriptors_are_bounded() {
     assert!(budget.used() <= 1, "{}", budget.used());
     let e = c.lookup(ROOT_ID, "f299").unwrap();
     c.open(e.nodeid, libc::O_RDONLY).unwrap();
+}
+
+/// O_PATH and O_TMPFILE opens (which no guest kernel sends) are refused;
+/// a read carrying other flags than its handle's is served with the
+/// handle's. fuse-backend-rs would set the request's flags on the fd and,
+/// when that failed (as on an O_PATH fd), close the fd its handle still
+/// owns: the fs fuzz target found the handle later reading and closing
+/// whatever file took the number.
+#[test]
+fn open_flags_are_checked_and_reads_keep_the_handles() {
+    let share = Share::new("open-flags");
+    std::fs::write(share.path("f"), "hello").unwrap();
+    let mut c = Client::new(&share, false, budget());
+    let f = c.lookup(ROOT_ID, "f").unwrap().nodeid;
+    assert_eq!(c.open(f, libc::O_RDONLY | libc::O_PATH), Err(libc::EINVAL));
+    assert_eq!(c.open(f, libc::O_RDWR | libc::O_TMPFILE), Err(libc::EINVAL));
+    let fh = c.open(f, libc::O_RDONLY).unwrap();
+    for flags in [
+        libc::O_PATH,
+        libc::O_DIRECT,
+        libc::O_APPEND | libc::O_NONBLOCK,
+        -1,
+    ] {
+        assert_eq!(
+            c.read_with_flags(f, fh, 16, flags).as_deref(),
+            Ok(&b"hello"[..]),
+            "read with flags {flags:#x}"
+        );
+    }
+    c.release(f, fh).unwrap();
+    assert_eq!(c.read(f, fh, 16), Err(libc::EBADF));
 }
 
 #[test]
